@@ -1,0 +1,57 @@
+"""The `hf` backend: a teacher-forced transformers forward pass, then chunked top-k.
+
+    python -c "from modkd.extract.hf_backend import HFBackend; help(HFBackend.run)"
+
+Runs anywhere transformers runs (CPU included). Batches are right-padded; the base model gives hidden
+states and only the stored positions go through the lm_head (extract/topk.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .encode import Encoded
+from .teacher import Teacher
+from .topk import default_chunk, topk_logprobs
+
+
+class HFBackend:
+    def __init__(self, teacher: Teacher, top_k: int, chunk: int | None = None):
+        self.model = teacher.model
+        self.lm_head = teacher.model.get_output_embeddings()
+        vocab = self.lm_head.weight.shape[0]
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
+        self.top_k = top_k
+        self.chunk = chunk or default_chunk(vocab)
+        self.pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+
+    def inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-padded model inputs; every record of a batch has the same image tensor shapes (or none)."""
+        T = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
+        for b, e in enumerate(batch):
+            ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[b, : len(e.input_ids)] = 1
+        out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        for key in batch[0].model_inputs:
+            t = torch.cat([e.model_inputs[key] for e in batch])  # images of the batch, stacked
+            out[key] = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+        return out
+
+    @torch.no_grad()
+    def run(self, batch: list[Encoded], positions: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per record: top-k ids (P, k) int32, top-k log-probs (P, k) fp32, target log-probs (P,) fp32."""
+        inputs = self.inputs(batch)
+        hidden = self.model.model(**inputs).last_hidden_state  # (B, T, H) model dtype
+        B, T, H = hidden.shape
+        flat = torch.cat([torch.as_tensor(p, dtype=torch.long) + b * T for b, p in enumerate(positions)]).to(self.device)  # (N,)
+        targets = inputs["input_ids"].reshape(-1)[flat + 1]  # (N,) the token each position predicts
+        ids, lps, tgt = topk_logprobs(hidden.reshape(B * T, H)[flat], self.lm_head, targets, self.top_k, self.chunk)
+        bounds = np.cumsum([len(p) for p in positions])[:-1]
+        ids, lps, tgt = (np.split(t.cpu().numpy(), bounds) for t in (ids, lps, tgt))
+        return list(zip(ids, lps, tgt))

@@ -1,0 +1,42 @@
+"""Top-k teacher log-probs from hidden states, a chunk of positions at a time.
+
+    python -c "from modkd.extract.topk import topk_logprobs; help(topk_logprobs)"
+
+The lm_head runs on at most `chunk` positions at once, so the largest float32 tensor is (chunk, V):
+a (B, T, V) logits tensor never exists (V=152k, T=2048 would be 1.2 GB per sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_BYTES = 1 << 28  # 256 MiB of float32 logits per chunk: small next to a 7B teacher, big enough to keep the GPU busy
+
+
+def default_chunk(vocab_size: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+@torch.no_grad()
+def topk_logprobs(
+    hidden: torch.Tensor,  # (N, H) teacher hidden states at the stored positions, model dtype
+    lm_head: torch.nn.Module,  # the teacher's output embedding, H -> V
+    targets: torch.Tensor,  # (N,) int64: the token each position predicts (input_ids[t+1])
+    k: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns top-k ids (N, k) int32, their log-probs (N, k) fp32 and the target's log-prob (N,) fp32,
+    all normalised over the full vocabulary."""
+    ids, lps, tgt = [], [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = lm_head(hidden[start : start + chunk]).float()  # (C, V) fp32
+        logp = torch.log_softmax(logits, dim=-1)  # (C, V) fp32
+        top_lp, top_id = logp.topk(k, dim=-1, sorted=True)  # (C, k)
+        ids.append(top_id.to(torch.int32))
+        lps.append(top_lp)
+        tgt.append(logp.gather(-1, targets[start : start + chunk, None]).squeeze(-1))  # (C,)
+        del logits, logp
+    if not ids:
+        empty = hidden.new_zeros((0, k), dtype=torch.float32)
+        return empty.to(torch.int32), empty, hidden.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(ids), torch.cat(lps), torch.cat(tgt)

@@ -1,0 +1,63 @@
+"""`mod-extract`: run a teacher once over a data file and write its top-k log-probs as a sharded cache.
+
+    mod-extract --teacher toy-teacher --data world/train.jsonl --image-root world/ --out cache/ --shards 8
+
+Thin: parses options into an ExtractConfig, prints it whole, calls `modkd.extract.run.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from modkd.extract.run import ExtractConfig, config_dict, run
+from modkd.extract.teacher import PRESETS
+from modkd.store import POSITION_MODES
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
+
+
+@app.command()
+def extract(
+    teacher: str = typer.Option(..., help=f"preset ({', '.join(PRESETS)}), local HF directory or hub id"),
+    data: Path = typer.Option(..., exists=True, dir_okay=False, help="LLaVA-format JSON or JSONL"),
+    out: Path = typer.Option(..., help="cache directory (created; a rerun resumes it)"),
+    image_root: Path = typer.Option(None, exists=True, file_okay=False, help="directory image paths are relative to"),
+    shards: int = typer.Option(1, min=1, help="number of output shards (a deterministic split of the data file)"),
+    top_k: int = typer.Option(20, min=1, help="teacher log-probs kept per position"),
+    positions: str = typer.Option("response", help=f"which positions to store: {' | '.join(POSITION_MODES)}"),
+    batch_size: int = typer.Option(8, min=1),
+    max_length: int = typer.Option(4096, min=2, help="records longer than this (after image expansion) are rejected"),
+    num_workers: int = typer.Option(int(os.environ.get("WORLD_SIZE", 1)), min=1, help="default: $WORLD_SIZE"),
+    worker_index: int = typer.Option(int(os.environ.get("RANK", 0)), min=0, help="default: $RANK"),
+    row_group_size: int = typer.Option(256, min=1, help="records per Parquet row group"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    trust_remote_code: bool = typer.Option(False, help="allow the checkpoint's own Python code to run"),
+):
+    if positions not in POSITION_MODES:
+        raise typer.BadParameter(f"--positions must be one of {', '.join(POSITION_MODES)}")
+    cfg = ExtractConfig(teacher=teacher, data=data, out=out, image_root=image_root, shards=shards, top_k=top_k,
+                        positions=positions, batch_size=batch_size, max_length=max_length, num_workers=num_workers,
+                        worker_index=worker_index, row_group_size=row_group_size, dtype=dtype, device=device,
+                        trust_remote_code=trust_remote_code)
+    typer.echo(f"mod-extract config: {json.dumps(config_dict(cfg))}")
+    summary = run(cfg)
+    manifest = summary.pop("manifest")
+    typer.echo(f"worker {worker_index}/{num_workers}: {json.dumps(summary)}")
+    if manifest is None:
+        typer.echo("other workers' shards are not complete yet; the last worker to finish writes manifest.json")
+        return
+    t = manifest["totals"]
+    typer.echo(f"cache complete: {out}/manifest.json  records in {t['records_in']} = written {t['records_written']}"
+               f" + rejected {t['records_rejected']}; {t['positions']} positions, {t['bytes']} bytes")
+    if manifest["rejects"]:
+        typer.echo(f"rejected by reason: {json.dumps(manifest['rejects'])} (details: {out}/shards/*.rejects.jsonl,"
+                   f" or `mod-store inspect {out}`)")
+
+
+def main():
+    app()

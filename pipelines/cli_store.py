@@ -1,0 +1,71 @@
+"""`mod-store verify cache/` and `mod-store inspect cache/ [--json]`: check and summarise a cache.
+
+Thin: parses the path, calls modkd.store, prints. Exit status 1 when the cache has problems.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from modkd.store import Cache, CacheError, verify_cache
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check and summarise a modkd teacher-logit cache.")
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="cache directory (holds manifest.json)")) -> None:
+    """Hash and read every shard; print OK with counts, or each problem and exit 1."""
+    problems = verify_cache(path)
+    if problems:
+        for problem in problems:
+            typer.echo(problem)
+        raise typer.Exit(1)
+    totals = Cache.open(path).manifest["totals"]
+    typer.echo(
+        f"OK: {path}: {totals['records_written']} records, {totals['positions']} positions, "
+        f"{totals['bytes']} bytes; {totals['records_rejected']} of {totals['records_in']} input records rejected"
+    )
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="cache directory (holds manifest.json)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
+    """Per-shard records, positions, bytes, bytes/position, mean top-k mass and entropy; rejects by reason."""
+    try:
+        cache = Cache.open(path)
+        rows = cache.stats()
+    except CacheError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    rejects = cache.manifest["rejects"]
+    if as_json:
+        typer.echo(json.dumps({"shards": rows[:-1], "total": rows[-1], "rejects": rejects}, indent=2))
+        return
+    typer.echo(f"{'shard':<22} {'records':>9} {'positions':>11} {'bytes':>13} {'B/pos':>8} {'topk mass':>10} {'topk H>=':>9}")
+    for row in rows:
+        typer.echo(
+            f"{row['name']:<22} {row['records']:>9} {row['positions']:>11} {row['bytes']:>13} "
+            f"{_number(row['bytes_per_position'], 1):>8} {_number(row['mean_topk_mass'], 4):>10} "
+            f"{_number(row['mean_topk_entropy'], 4):>9}"
+        )
+    kinds = ", ".join(f"{kind} {count}" for kind, count in rows[-1]["positions_by_kind"].items())
+    typer.echo(f"positions by kind: {kinds}")
+    reasons = ", ".join(f"{reason} {count}" for reason, count in rejects.items()) or "none"
+    typer.echo(f"rejected input records: {sum(rejects.values())} ({reasons})")
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""`python -c "from modkd.store import Cache; help(Cache)"`: the cache format, its writer and its streaming reader.
+
+Imports nothing else of modkd: the cache is the only thing that crosses from extraction to training.
+"""
+
+from .done import write_done_marker
+from .errors import CacheError
+from .layout import shard_paths
+from .manifest import finalize_manifest, shard_progress
+from .reader import Cache
+from .records import DistillRecord, ImageRef
+from .schema import DISTILL_SCHEMA, POSITION_KINDS, POSITION_MODES, SCHEMA_VERSION
+from .verify import verify_cache
+from .writer import ShardWriter, sha256_file, write_json_atomic, write_text_atomic
+
+__all__ = [
+    "Cache",
+    "CacheError",
+    "DISTILL_SCHEMA",
+    "DistillRecord",
+    "ImageRef",
+    "POSITION_KINDS",
+    "POSITION_MODES",
+    "SCHEMA_VERSION",
+    "ShardWriter",
+    "finalize_manifest",
+    "sha256_file",
+    "shard_paths",
+    "shard_progress",
+    "verify_cache",
+    "write_done_marker",
+    "write_json_atomic",
+    "write_text_atomic",
+]

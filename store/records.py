@@ -1,0 +1,126 @@
+"""`python -c "from modkd.store import DistillRecord"`: one decoded distillation record and its Arrow row form.
+
+A record holds numpy arrays with fixed dtypes; `to_row()` flattens it into a dict keyed by the
+columns of DISTILL_SCHEMA and `from_row(row, k)` rebuilds it. Both check shapes and dtypes and raise
+a ValueError naming the record and the field. Records read with `Cache.records(columns=...)` carry
+None in every field whose column was not read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .schema import POSITION_KINDS
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    path: str  # posix path relative to the image root
+    sha256: str  # hex digest of the image file's bytes
+
+
+@dataclass
+class DistillRecord:
+    sample_id: str
+    input_ids: np.ndarray  # (T,) int32, image placeholders expanded
+    positions: np.ndarray  # (P,) int32, position t predicts input_ids[t + 1]
+    position_kinds: np.ndarray  # (P,) int8, values of POSITION_KINDS
+    topk_ids: np.ndarray  # (P, k) int32
+    topk_logprobs: np.ndarray  # (P, k) float32, normalised over the full vocabulary
+    target_logprobs: np.ndarray  # (P,) float32, teacher log-prob of input_ids[t + 1]
+    image: ImageRef | None
+    num_image_tokens: int  # 0 for text-only records
+    cursor: int = 0  # set by Cache.records: records this rank consumed, this one included
+
+    def __post_init__(self) -> None:
+        arrays = {
+            "input_ids": (self.input_ids, np.int32, 1),
+            "positions": (self.positions, np.int32, 1),
+            "position_kinds": (self.position_kinds, np.int8, 1),
+            "topk_ids": (self.topk_ids, np.int32, 2),
+            "topk_logprobs": (self.topk_logprobs, np.float32, 2),
+            "target_logprobs": (self.target_logprobs, np.float32, 1),
+        }
+        for name, (value, dtype, ndim) in arrays.items():
+            if value is None:
+                continue
+            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.ndim != ndim:
+                got = f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+                raise ValueError(f"record {self.sample_id!r}: {name} must be a {ndim}-D {np.dtype(dtype)} array, got {got}")
+        per_position = {
+            name: value.shape[0] for name, (value, _, _) in arrays.items() if name != "input_ids" and value is not None
+        }
+        if len(set(per_position.values())) > 1:
+            raise ValueError(f"record {self.sample_id!r}: fields disagree on the number of positions P: {per_position}")
+        both_topk = self.topk_ids is not None and self.topk_logprobs is not None
+        if both_topk and self.topk_ids.shape != self.topk_logprobs.shape:
+            raise ValueError(
+                f"record {self.sample_id!r}: topk_ids {self.topk_ids.shape} and topk_logprobs "
+                f"{self.topk_logprobs.shape} must have the same (P, k) shape"
+            )
+
+    def to_row(self) -> dict:
+        """The record as one row of DISTILL_SCHEMA: lists flattened, (P, k) arrays row-major."""
+        missing = [name for name, value in vars(self).items() if value is None and name != "image"]
+        if missing:
+            raise ValueError(f"record {self.sample_id!r}: cannot write a record without {missing}")
+        last = self.input_ids.shape[0] - 1  # position t needs a token at t + 1
+        if self.positions.size and (self.positions.min() < 0 or self.positions.max() >= last):
+            raise ValueError(
+                f"record {self.sample_id!r}: positions must lie in [0, T - 1) = [0, {last}), "
+                f"got [{self.positions.min()}, {self.positions.max()}]"
+            )
+        unknown = np.setdiff1d(self.position_kinds, list(POSITION_KINDS.values()))
+        if unknown.size:
+            raise ValueError(f"record {self.sample_id!r}: position_kinds holds unknown kinds {unknown.tolist()}")
+        if self.num_image_tokens < 0 or (self.image is None and self.num_image_tokens != 0):
+            raise ValueError(
+                f"record {self.sample_id!r}: num_image_tokens is {self.num_image_tokens} "
+                f"with image {self.image}; text-only records have 0"
+            )
+        return {
+            "sample_id": self.sample_id,
+            "input_ids": self.input_ids,  # (T,) int32
+            "positions": self.positions,  # (P,) int32
+            "position_kinds": self.position_kinds,  # (P,) int8
+            "topk_ids": self.topk_ids.reshape(-1),  # (P * k,) int32
+            "topk_logprobs": self.topk_logprobs.reshape(-1),  # (P * k,) float32
+            "target_logprobs": self.target_logprobs,  # (P,) float32
+            "image_path": None if self.image is None else self.image.path,
+            "image_sha256": None if self.image is None else self.image.sha256,
+            "num_image_tokens": int(self.num_image_tokens),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict, k: int) -> DistillRecord:
+        """Rebuild a record from a row dict; columns absent from `row` become None fields."""
+        sample_id = row["sample_id"]
+
+        def array(name: str, dtype: type) -> np.ndarray | None:
+            return None if name not in row else np.asarray(row[name], dtype=dtype)
+
+        topk_ids = array("topk_ids", np.int32)  # (P * k,) int32
+        topk_logprobs = array("topk_logprobs", np.float32)  # (P * k,) float32
+        positions = array("positions", np.int32)  # (P,) int32
+        for name, flat in (("topk_ids", topk_ids), ("topk_logprobs", topk_logprobs)):
+            if flat is None:
+                continue
+            if flat.shape[0] % k or (positions is not None and flat.shape[0] != positions.shape[0] * k):
+                expected = "a multiple of k" if positions is None else f"P * k = {positions.shape[0]} * {k}"
+                raise ValueError(f"record {sample_id!r}: {name} has {flat.shape[0]} values, expected {expected}")
+        image = None
+        if row.get("image_path") is not None:
+            image = ImageRef(path=row["image_path"], sha256=row["image_sha256"])
+        return cls(
+            sample_id=sample_id,
+            input_ids=array("input_ids", np.int32),  # (T,) int32
+            positions=positions,
+            position_kinds=array("position_kinds", np.int8),  # (P,) int8
+            topk_ids=None if topk_ids is None else topk_ids.reshape(-1, k),  # (P, k) int32
+            topk_logprobs=None if topk_logprobs is None else topk_logprobs.reshape(-1, k),  # (P, k) float32
+            target_logprobs=array("target_logprobs", np.float32),  # (P,) float32
+            image=image,
+            num_image_tokens=None if "num_image_tokens" not in row else int(row["num_image_tokens"]),
+        )

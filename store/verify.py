@@ -1,0 +1,137 @@
+"""`mod-store verify cache/`: read every byte of a cache and list what is wrong with it.
+
+Checks per shard: the file exists, has the manifest's byte size and sha256, opens as DISTILL_SCHEMA,
+holds the manifest's record and position counts, and every row is self-consistent (lengths
+P, P * k, positions in [0, T - 1), known position kinds, no NaN, top-k mass <= 1, image columns
+set together); the rejects file has one line per rejected record; sample ids are unique across the
+cache. Every problem names its shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import CacheError
+from .layout import relative_name, shard_paths
+from .manifest import load_manifest
+from .schema import POSITION_KINDS
+from .shard_file import iter_row_group, list_column, open_shard
+from .writer import sha256_file
+
+MASS_TOLERANCE = 1e-3  # float32 log-probs of a full-vocab softmax sum to 1 within ~1e-5; beyond 1e-3 is a bug
+
+
+def verify_cache(cache_dir: Path | str) -> list[str]:
+    """Problems of the cache at `cache_dir`, starting from its manifest; empty when it is sound."""
+    try:
+        manifest = load_manifest(cache_dir)
+    except CacheError as err:
+        return [str(err)]
+    return verify_shards(Path(cache_dir), manifest)
+
+
+def verify_shards(cache_dir: Path, manifest: dict) -> list[str]:
+    problems: list[str] = []
+    seen_ids: set[str] = set()
+    num_shards = manifest["num_shards"]
+    for index, shard in enumerate(manifest["shards"]):
+        parquet, rejects, _ = shard_paths(cache_dir, index, num_shards)
+        name = relative_name(cache_dir, parquet)
+        problems += _check_rejects(rejects, relative_name(cache_dir, rejects), shard["records_rejected"])
+        if not parquet.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = parquet.stat().st_size
+        if size != shard["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest.json records {shard['bytes']} (truncated or modified)")
+        elif sha256_file(parquet) != shard["sha256"]:
+            problems.append(f"{name}: sha256 differs from manifest.json (file modified or corrupted)")
+        try:
+            problems += _check_rows(parquet, name, shard, manifest["settings"]["top_k"], seen_ids)
+        except CacheError as err:
+            problems.append(str(err))
+    return problems
+
+
+def _check_rejects(path: Path, name: str, expected: int) -> list[str]:
+    if not path.is_file():
+        return [f"{name}: missing"]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = sum(1 for _ in f)
+    return [] if lines == expected else [f"{name}: {lines} lines, manifest.json records {expected} rejected records"]
+
+
+def _check_rows(path: Path, name: str, shard: dict, k: int, seen_ids: set[str]) -> list[str]:
+    bad: dict[str, list] = {}  # check -> [rows failing, first failing row index in the shard]
+    records = positions = 0
+    with open_shard(path, name) as parquet:
+        for row_group in range(parquet.metadata.num_row_groups):
+            for batch in iter_row_group(parquet, name, row_group, None):
+                for check, mask in _row_checks(batch, k, name, row_group).items():  # mask: (R,) bool, True = bad
+                    if mask.any():
+                        entry = bad.setdefault(check, [0, records + int(np.argmax(mask))])
+                        entry[0] += int(mask.sum())
+                for sample_id in batch.column("sample_id").to_pylist():
+                    if sample_id in seen_ids:
+                        bad.setdefault(f"sample_id {sample_id!r} appears twice in the cache", [0, records])[0] += 1
+                    seen_ids.add(sample_id)
+                records += batch.num_rows
+                positions += int(np.diff(batch.column("positions").offsets.to_numpy()).sum())
+    problems = [f"{name}: {count} rows with {check} (first: row {first})" for check, (count, first) in bad.items()]
+    if records != shard["records"]:
+        problems.append(f"{name}: {records} records, manifest.json records {shard['records']}")
+    if positions != shard["positions"]:
+        problems.append(f"{name}: {positions} positions, manifest.json records {shard['positions']}")
+    return problems
+
+
+def _row_checks(batch: pa.RecordBatch, k: int, name: str, row_group: int) -> dict[str, np.ndarray]:
+    """Per-row failure masks, each (R,) bool, keyed by what is wrong."""
+    try:
+        columns = {
+            column: list_column(batch.column(column))
+            for column in ("input_ids", "positions", "position_kinds", "topk_ids", "topk_logprobs", "target_logprobs")
+        }
+    except ValueError as err:
+        raise CacheError(f"{name}: row group {row_group}: {err}") from None
+    lengths = {column: np.diff(offsets) for column, (offsets, _) in columns.items()}  # each (R,) int32
+    num_positions = lengths["positions"]  # (R,) int32
+    checks = {
+        "len(position_kinds) != P": lengths["position_kinds"] != num_positions,
+        "len(topk_ids) != P*k": lengths["topk_ids"] != num_positions * k,
+        "len(topk_logprobs) != P*k": lengths["topk_logprobs"] != num_positions * k,
+        "len(target_logprobs) != P": lengths["target_logprobs"] != num_positions,
+    }
+    row_of_position = np.repeat(np.arange(batch.num_rows), num_positions)  # (P_total,) int64
+    positions = columns["positions"][1]  # (P_total,) int32
+    last = (lengths["input_ids"] - 1)[row_of_position]  # (P_total,) int32: position t needs t + 1 < T
+    outside = (positions < 0) | (positions >= last)  # (P_total,) bool
+    checks["positions outside [0, T - 1)"] = _rows_with(row_of_position, outside, batch.num_rows)
+    kinds_ok = np.isin(columns["position_kinds"][1], list(POSITION_KINDS.values()))  # (sum len(kinds),) bool
+    kinds_rows = np.repeat(np.arange(batch.num_rows), lengths["position_kinds"])
+    checks["unknown position kinds"] = _rows_with(kinds_rows, ~kinds_ok, batch.num_rows)
+    topk = columns["topk_logprobs"][1]  # (sum len(topk_logprobs),) float32
+    topk_rows = np.repeat(np.arange(batch.num_rows), lengths["topk_logprobs"])
+    checks["NaN or positive top-k log-probs"] = _rows_with(topk_rows, ~(topk <= 0), batch.num_rows)
+    target = columns["target_logprobs"][1]  # (sum len(target_logprobs),) float32
+    target_rows = np.repeat(np.arange(batch.num_rows), lengths["target_logprobs"])
+    checks["NaN or positive target log-probs"] = _rows_with(target_rows, ~(target <= 0), batch.num_rows)
+    if not checks["len(topk_logprobs) != P*k"].any():
+        mass = np.exp(topk.astype(np.float64)).reshape(-1, k).sum(axis=1)  # (P_total,) float64
+        over = mass > 1 + MASS_TOLERANCE  # (P_total,) bool
+        checks["top-k probability mass > 1 at some position"] = _rows_with(row_of_position, over, batch.num_rows)
+    image_path = batch.column("image_path").is_null().to_numpy(zero_copy_only=False)  # (R,) bool
+    image_sha = batch.column("image_sha256").is_null().to_numpy(zero_copy_only=False)  # (R,) bool
+    image_tokens = batch.column("num_image_tokens").to_numpy()  # (R,) int32
+    checks["only one of image_path and image_sha256 set"] = image_path != image_sha
+    checks["num_image_tokens != 0 without an image"] = image_path & (image_tokens != 0)
+    checks["negative num_image_tokens"] = image_tokens < 0
+    return checks
+
+
+def _rows_with(row_of_item: np.ndarray, item_bad: np.ndarray, num_rows: int) -> np.ndarray:
+    """(R,) bool: rows owning at least one bad item."""
+    return np.bincount(row_of_item[item_bad], minlength=num_rows) > 0

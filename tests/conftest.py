@@ -1,0 +1,75 @@
+"""Shared fixtures: a small toy world and tiny teachers saved in HF format, built once per test session.
+
+    pytest tests/ -q
+
+Nothing is downloaded: the tokenizer is trained on the toy world, the models are built from configs,
+saved with save_pretrained and loaded back through from_pretrained by the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM
+
+from modkd.pipelines.toyworld.models import TEACHER_LLM, build_model, train_tokenizer
+from modkd.pipelines.toyworld.world import build_world, corpus_texts
+
+LOGIT_SCALE = 5.0  # random init gives near-uniform logits; spread them (top-k log-probs ~ -1..-12, like a trained model) so top-k has no near-ties
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=0, n_train_images=16, n_eval_images=4, n_pref=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(world):
+    return train_tokenizer(corpus_texts(world))
+
+
+def _spread_logits(model) -> None:
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(LOGIT_SCALE)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random LLaVA teacher (Qwen2 LLM + CLIP vision tower) in HF format."""
+    out = build_model(tmp_path_factory.mktemp("teacher"), tokenizer, TEACHER_LLM, seed=0)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    _spread_logits(model)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random text-only Qwen2 teacher with the toy tokenizer and chat template."""
+    out = tmp_path_factory.mktemp("text_teacher")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, **TEACHER_LLM)
+    model = Qwen2ForCausalLM(config)
+    _spread_logits(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mixed_data(world, tmp_path_factory) -> Path:
+    """30 training records of the toy world: image and text-only, single and multi-turn."""
+    lines = (world / "train.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    text_only = [r for r in records if "image" not in r][:4]
+    multi = [r for r in records if r["task"] == "conversation"][:6]
+    rest = [r for r in records if r not in text_only and r not in multi][:20]
+    out = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in text_only + multi + rest))
+    return out
