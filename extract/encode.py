@@ -1,6 +1,6 @@
-"""Turn one LLaVA-format record into exactly the tokens the teacher sees, with a kind per token.
+"""python -c "from modkd.extract.encode import Encoder; help(Encoder.encode)"
 
-    python -c "from modkd.extract.encode import Encoder; help(Encoder.encode)"
+Turn one LLaVA-format record into exactly the tokens the teacher sees, with a kind per token.
 
 The record's conversation is rendered with the teacher's own chat template, tokenised with its own
 tokenizer, and its `<image>` placeholder is expanded by the teacher's own processor, so `input_ids`

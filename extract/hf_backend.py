@@ -1,6 +1,6 @@
-"""The `hf` backend: a teacher-forced transformers forward pass, then chunked top-k.
+"""python -c "from modkd.extract.hf_backend import HFBackend; help(HFBackend.run)"
 
-    python -c "from modkd.extract.hf_backend import HFBackend; help(HFBackend.run)"
+The `hf` backend: a teacher-forced transformers forward pass, then chunked top-k.
 
 Runs anywhere transformers runs (CPU included). Batches are right-padded; the base model gives hidden
 states and only the stored positions go through the lm_head (extract/topk.py).

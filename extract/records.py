@@ -1,6 +1,6 @@
-"""Read a LLaVA-format data file into raw records, keeping line numbers for error reports.
+"""python -c "from modkd.extract.records import read_records; print(sum(1 for _ in read_records('train.jsonl')))"
 
-    python -c "from modkd.extract.records import read_records; print(sum(1 for _ in read_records('train.jsonl')))"
+Read a LLaVA-format data file into raw records, keeping line numbers for error reports.
 
 A data file is either a JSON array of records (LLaVA's own `llava_v1_5_mix665k.json` style) or JSON
 Lines (one record per line). A line that is not valid JSON is not an error for the whole run: it becomes

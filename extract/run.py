@@ -1,6 +1,6 @@
-"""Extract a teacher's top-k log-probs over a data file into a sharded cache (this worker's shards).
+"""mod-extract --teacher toy-teacher --data train.jsonl --image-root world/ --out cache/ --shards 8
 
-    mod-extract --teacher toy-teacher --data train.jsonl --image-root world/ --out cache/ --shards 8
+Extract a teacher's top-k log-probs over a data file into a sharded cache (this worker's shards).
 
 Shaped like a datatrove step: `run(cfg)` processes shards s with s % num_workers == worker_index, so
 any launcher (torchrun, SLURM arrays, Ray) runs disjoint shard sets. Each shard is written under a

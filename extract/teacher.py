@@ -1,6 +1,6 @@
-"""Teacher presets and loading: a preset name, a local HF directory or a hub id.
+"""python -c "from modkd.extract.teacher import load_teacher; t = load_teacher('smollm2-135m'); print(t.source)"
 
-    python -c "from modkd.extract.teacher import load_teacher; t = load_teacher('smollm2-135m'); print(t.source)"
+Teacher presets and loading: a preset name, a local HF directory or a hub id.
 
 A teacher with a `vision_config` loads as `AutoModelForImageTextToText` + `AutoProcessor`; anything
 else as a text-only `AutoModelForCausalLM` + `AutoTokenizer`. Remote code stays off unless asked for.

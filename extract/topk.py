@@ -1,6 +1,6 @@
-"""Top-k teacher log-probs from hidden states, a chunk of positions at a time.
+"""python -c "from modkd.extract.topk import topk_logprobs; help(topk_logprobs)"
 
-    python -c "from modkd.extract.topk import topk_logprobs; help(topk_logprobs)"
+Top-k teacher log-probs from hidden states, a chunk of positions at a time.
 
 The lm_head runs on at most `chunk` positions at once, so the largest float32 tensor is (chunk, V):
 a (B, T, V) logits tensor never exists (V=152k, T=2048 would be 1.2 GB per sequence).

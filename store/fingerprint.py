@@ -1,6 +1,6 @@
-"""Fingerprints that tie a cache to the teacher, tokenizer, image processor and data that made it.
+"""python -c "from transformers import AutoTokenizer as T; from modkd.store.fingerprint import tokenizer_sha256; print(tokenizer_sha256(T.from_pretrained('DIR')))"
 
-    python -c "from transformers import AutoTokenizer as T; from modkd.store.fingerprint import tokenizer_sha256; print(tokenizer_sha256(T.from_pretrained('DIR')))"
+Fingerprints that tie a cache to the teacher, tokenizer, image processor and data that made it.
 
 Both sides compute them with these functions: the extractor writes them into the manifest, the trainer
 recomputes the tokenizer's from the student and refuses a cache whose value differs.

@@ -1,6 +1,6 @@
-"""Shared fixtures: a small toy world and tiny teachers saved in HF format, built once per test session.
+"""pytest tests/ -q
 
-    pytest tests/ -q
+Shared fixtures: a small toy world and tiny teachers saved in HF format, built once per test session.
 
 Nothing is downloaded: the tokenizer is trained on the toy world, the models are built from configs,
 saved with save_pretrained and loaded back through from_pretrained by the code under test.

@@ -1,6 +1,6 @@
-"""Extraction correctness: cached top-k equals the teacher's full log_softmax; positions; invariances.
+"""pytest tests/test_extract.py -q
 
-    pytest tests/test_extract.py -q
+Extraction correctness: cached top-k equals the teacher's full log_softmax; positions; invariances.
 """
 
 from __future__ import annotations

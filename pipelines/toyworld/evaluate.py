@@ -1,6 +1,6 @@
-"""Evaluate a LLaVA checkpoint on the toy world's held-out splits with greedy decoding.
+"""python -m modkd.pipelines.toyworld.evaluate MODEL_DIR WORLD_DIR
 
-    python -m modkd.pipelines.toyworld.evaluate MODEL_DIR WORLD_DIR
+Evaluate a LLaVA checkpoint on the toy world's held-out splits with greedy decoding.
 
 Per-task exact match (count, colour, position, exist, text), POPE F1 per negative split (random,
 popular, adversarial) and CHAIR-style caption hallucination (response level chair_s, mention level

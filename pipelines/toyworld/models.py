@@ -1,6 +1,6 @@
-"""Tiny LLaVA models for the toy world, built offline and saved in HF format.
+"""python -m modkd.pipelines.toyworld.models /tmp/toy-models   # tokenizer + processor + teacher/student configs
 
-    python -m modkd.pipelines.toyworld.models /tmp/toy-models   # tokenizer + processor + teacher/student configs
+Tiny LLaVA models for the toy world, built offline and saved in HF format.
 
 A byte-level BPE tokenizer trained on the toy world's text (with `<|im_start|>`, `<|im_end|>` and
 `<image>`, and a ChatML chat template), a CLIP image processor for 48x48 images, and LLaVA configs

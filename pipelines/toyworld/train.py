@@ -1,6 +1,6 @@
-"""Plain supervised fine-tuning of a toy LLaVA model on toy-world records (trains the toy teacher).
+"""python -m modkd.pipelines.toyworld.train MODEL_DIR world/train.jsonl world/ OUT_DIR --steps 1500
 
-    python -m modkd.pipelines.toyworld.train MODEL_DIR world/train.jsonl world/ OUT_DIR --steps 1500
+Plain supervised fine-tuning of a toy LLaVA model on toy-world records (trains the toy teacher).
 
 This is how the toy *teacher* gets its knowledge, and the plain-SFT baseline it is compared with: CE on
 assistant-response tokens only, every parameter trained, AdamW with cosine decay. Records are encoded
@@ -55,7 +55,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def train_sft(model_dir: Path, data: Path, image_root: Path, out: Path, steps: int, batch_size: int = 32,
-              lr: float = 2e-3, seed: int = 0, warmup: float = 0.03) -> list[float]:
+              lr: float = 5e-4, seed: int = 0, warmup: float = 0.03) -> list[float]:
     """Trains every parameter on response tokens; saves model + processor to `out`; returns the loss curve."""
     torch.manual_seed(seed)
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -93,9 +93,9 @@ if __name__ == "__main__":
     ap.add_argument("data", type=Path)
     ap.add_argument("image_root", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     train_sft(a.model_dir, a.data, a.image_root, a.out, a.steps, a.batch_size, a.lr, a.seed)

@@ -1,0 +1,96 @@
+"""Shared bits of the benchmarks: machine line, real English passages, LLaVA records, results JSON.
+
+    python benchmarks/common.py            # prints the machine line and what the text directory yields
+
+Not a framework: four small functions the benchmark scripts import (they run as `python benchmarks/x.py`,
+so this directory is on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_DIR = REPO.parent / "shared" / "papers"  # CI layout: the papers sit in ../shared/papers beside the repo
+TEXT_FILES = ("llava-mod.txt", "llava-kd.txt")
+RESULTS = REPO / "benchmarks" / "results"
+PROMPT = "Continue the text."
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+    }
+
+
+def machine_line(m: dict) -> str:
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
+    return (f"machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+            f"torch {m['torch']}, device {m['device']}{gpu}")
+
+
+def passages(tokenizer, n: int, tokens: int, text_dir: Path = TEXT_DIR) -> list[str]:
+    """`n` consecutive windows of `tokens` teacher tokens of the papers' text, decoded back to strings.
+
+    Wraps around the text if it runs out (the two papers are ~30k SmolLM2 tokens)."""
+    paths = [Path(text_dir) / f for f in TEXT_FILES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"text files not found: {missing}; pass --text-dir")
+    text = "\n\n".join(" ".join(p.read_text(encoding="utf-8").split()) for p in paths)  # whitespace collapsed
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # (N_text,)
+    out = []
+    for i in range(n):
+        start = (i * tokens) % max(1, len(ids) - tokens)
+        out.append(tokenizer.decode(ids[start : start + tokens]).strip())
+    return out
+
+
+def llava_records(texts: list[str], prefix: str = "paper") -> list[dict]:
+    """LLaVA-format text-only records whose assistant response is the passage (what gets distilled)."""
+    return [{"id": f"{prefix}-{i:05d}", "conversations": [{"from": "human", "value": PROMPT},
+                                                          {"from": "gpt", "value": t}]}
+            for i, t in enumerate(texts)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def save_results(name: str, results: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    from transformers import AutoTokenizer  # noqa: F401 (only to show the text directory is usable)
+
+    print(machine_line(machine()))
+    print(f"text dir: {TEXT_DIR} ({', '.join(TEXT_FILES)})")

@@ -1,0 +1,73 @@
+"""python benchmarks/run_all.py [--teacher smollm2-135m] [--text-dir ../shared/papers] [--only cache_size ...]
+
+Runs every benchmark with its defaults, one after the other in its own process (their tables are printed
+as they come), then prints every ratio in one summary from benchmarks/results/<name>.json. Each script
+measures its ratios side by side within its own run; nothing here compares numbers across runs.
+To add a benchmark: append its name to BENCHMARKS and a function that turns its JSON into summary lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, machine, machine_line
+
+
+def extract_throughput(r: dict) -> list[str]:
+    mm = r["methods"]
+    return [f"extraction throughput, {r['teacher']} (V={r['vocab']}), {r['tokens']} tokens in batches of {r['batch_size']}:",
+            f"  HFBackend.run top-{r['top_k']} / bare forward       {mm['extractor']['ratio_vs_bare']:.2f}x  (target >= 0.9x)",
+            f"  run(ExtractConfig) end to end / bare     {mm['end_to_end']['ratio_vs_bare']:.2f}x  "
+            f"({mm['end_to_end']['tokens_per_s']:.0f} tokens/s, {mm['end_to_end']['records_per_s']:.2f} records/s)"]
+
+
+def extract_memory(r: dict) -> list[str]:
+    lines = [f"extraction peak memory above the model, {r['teacher']} (V={r['vocab']}), extractor / naive full-vocab logits:"]
+    for row in r["rows"]:
+        lines.append(f"  T={row['T']:5d}  default chunk ({r['extractor_chunk']}) {row['ratio_extractor_vs_naive']:.2f}x, "
+                     f"chunk={r['small_chunk']} {row['ratio_small_chunk_vs_naive']:.2f}x  "
+                     f"(naive {row['naive']['peak_delta_bytes'] / 2**20:.0f} MiB)")
+    return lines
+
+
+def cache_size(r: dict) -> list[str]:
+    anchors = ", ".join(f"{a} {x:.2f}x" for a, x in r["ratio_vs_anchors"].items())
+    return [f"cache size, {r['teacher']} top-{r['top_k']}, {r['positions']} positions of English text:",
+            f"  {r['bytes_per_position']:.1f} B/position zstd Parquet (raw {r['raw_bytes_per_position']:.1f}, "
+            f"raw/Parquet {r['compression_ratio']:.2f}x); top-{r['top_k']} mass {r['mean_topk_mass']:.3f}, "
+            f"top-{r['top_k']} entropy {r['mean_topk_entropy']:.2f} nats",
+            f"  ours / anchor: {anchors}"]
+
+
+BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size}
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
+    p.add_argument("--teacher", help="passed to every benchmark (default: each one's, smollm2-135m)")
+    p.add_argument("--text-dir", help="passed to every benchmark (default: ../shared/papers)")
+    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    args = p.parse_args()
+    passthrough = [*(["--teacher", args.teacher] if args.teacher else []), *(["--text-dir", args.text_dir] if args.text_dir else [])]
+    here = Path(__file__).resolve().parent
+    seconds, failed = {}, []
+    for name in args.only:
+        print(f"\n=== {name} ===", flush=True)
+        (RESULTS / f"{name}.json").unlink(missing_ok=True)  # the summary must never show a previous run's numbers
+        t = time.perf_counter()
+        if subprocess.run([sys.executable, str(here / f"{name}.py"), *passthrough]).returncode != 0:
+            failed.append(name)
+        seconds[name] = time.perf_counter() - t
+    print("\n=== summary ===")
+    print(machine_line(machine()))
+    for name in args.only:
+        path = RESULTS / f"{name}.json"
+        if name in failed or not path.is_file():
+            print(f"{name}: FAILED (see its output above)")
+            continue
+        print("\n".join(BENCHMARKS[name](json.loads(path.read_text()))) + f"  [{seconds[name]:.0f} s]")
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,45 @@
+"""python -c "import json; from modkd.pipelines.toyworld.report import comparison_table as t; print(t(json.load(open('runs/demo/results.json'))))"
+
+Markdown tables of toy-world evaluation results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TASKS = ("count", "colour", "position", "exist", "text", "overall")
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+
+def parameters(model_dir: Path) -> dict:
+    """Parameter counts from the safetensors header (no weights loaded); dense models activate all of them."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(Path(model_dir) / "model.safetensors", framework="numpy") as f:
+        for name in f.keys():
+            n = 1
+            for d in f.get_slice(name).get_shape():
+                n *= d
+            total += n
+    return {"params_total": total, "params_active": total}
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    head = ["model", *[f"EM {t}" for t in TASKS], *[f"POPE F1 {s}" for s in POPE_SPLITS], "CHAIR_s", "CHAIR_i",
+            "params (active)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [name, *[f"{r['exact_match'].get(t, float('nan')):.3f}" for t in TASKS],
+                 *[f"{r['pope'][s]['f1']:.3f}" for s in POPE_SPLITS],
+                 f"{r['chair']['chair_s']:.3f}", f"{r['chair']['chair_i']:.3f}",
+                 f"{r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(comparison_table(json.loads(Path(sys.argv[1]).read_text())))
