@@ -1,9 +1,8 @@
-"""Shared bits of the benchmarks: machine line, real English passages, LLaVA records, results JSON.
+"""python benchmarks/common.py    # prints the machine line and the text directory
 
-    python benchmarks/common.py            # prints the machine line and what the text directory yields
-
-Not a framework: four small functions the benchmark scripts import (they run as `python benchmarks/x.py`,
-so this directory is on sys.path).
+Shared bits of the benchmarks: machine line, passages of real English text, LLaVA records, results
+JSON. Not a framework: small functions the benchmark scripts import (they run as
+`python benchmarks/<name>.py`, so this directory is on sys.path).
 """
 
 from __future__ import annotations
@@ -51,12 +50,15 @@ def machine_line(m: dict) -> str:
 def passages(tokenizer, n: int, tokens: int, text_dir: Path = TEXT_DIR) -> list[str]:
     """`n` consecutive windows of `tokens` teacher tokens of the papers' text, decoded back to strings.
 
-    Wraps around the text if it runs out (the two papers are ~30k SmolLM2 tokens)."""
+    Each paper is taken from its abstract on (the title block is a run of author names, not prose);
+    windows wrap around if the text runs out (the two papers are ~38k SmolLM2 tokens)."""
     paths = [Path(text_dir) / f for f in TEXT_FILES]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"text files not found: {missing}; pass --text-dir")
-    text = "\n\n".join(" ".join(p.read_text(encoding="utf-8").split()) for p in paths)  # whitespace collapsed
+    texts = [p.read_text(encoding="utf-8") for p in paths]
+    texts = [t[t.lower().find("abstract"):] if "abstract" in t.lower() else t for t in texts]
+    text = "\n\n".join(" ".join(t.split()) for t in texts)  # whitespace collapsed
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # (N_text,)
     out = []
     for i in range(n):
@@ -90,7 +92,5 @@ def sync(device: str) -> None:
 
 
 if __name__ == "__main__":
-    from transformers import AutoTokenizer  # noqa: F401 (only to show the text directory is usable)
-
     print(machine_line(machine()))
-    print(f"text dir: {TEXT_DIR} ({', '.join(TEXT_FILES)})")
+    print(f"text: {', '.join(f'{TEXT_DIR / f} ({(TEXT_DIR / f).stat().st_size} bytes)' for f in TEXT_FILES)}")

@@ -21,7 +21,8 @@ safetensors loads by mmap and a first touch would otherwise count as growth; one
 thread pools, oneDNN primitives; kept small because freed heap stays resident and would be reused
 unseen), resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`),
 reads its RSS (VmRSS), runs the method once, and reports peak RSS minus that RSS: the extra resident
-memory the method needed. The peak is read as VmHWM from /proc/self/status, which is what
+memory the method needed. The processes run with MALLOC_MMAP_THRESHOLD_=1 MiB so that glibc maps and
+unmaps every tensor >= 1 MiB: resident memory then follows live tensors, not glibc's heap retention. The peak is read as VmHWM from /proc/self/status, which is what
 getrusage(RUSAGE_SELF).ru_maxrss reports for a single-threaded process; with torch's threads ru_maxrss
 also folds in the high-water mark the kernel saves when any thread exits (signal->maxrss, e.g. a loader
 thread during the model load), which clear_refs cannot reset, so ru_maxrss can stay stuck at the load's
@@ -46,6 +47,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # load progress bars, inherited by the forkserver
+# glibc: every allocation >= 1 MiB is its own mmap, unmapped on free, so RSS follows live tensors instead
+# of what glibc's heap happens to retain (its adaptive threshold moved peaks by +-300 MiB between runs)
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
 import torch
 
