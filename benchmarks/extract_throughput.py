@@ -1,4 +1,4 @@
-"""python benchmarks/extract_throughput.py [--teacher smollm2-135m] [--records 8] [--tokens 256] [--reps 8]
+"""python benchmarks/extract_throughput.py [--teacher smollm2-135m] [--records 8] [--tokens 256] [--reps 6]
 
 Extraction throughput against the teacher's bare forward pass, on the SAME batches, in one run:
 
@@ -45,7 +45,7 @@ p.add_argument("--records", type=int, default=64 if CUDA else 8)  # CPU: ~2.3k t
 p.add_argument("--tokens", type=int, default=256)  # passage length in teacher tokens; + ~36 template tokens per record
 p.add_argument("--batch-size", type=int, default=8)  # ExtractConfig's default
 p.add_argument("--top-k", type=int, default=20)  # ExtractConfig's default (DESIGN 3)
-p.add_argument("--reps", type=int, default=8)  # timed repetitions after the warm-up; +-20% noise per pass on a VM, best of 8 fits 3 min on 2 cores
+p.add_argument("--reps", type=int, default=6)  # timed repetitions after the warm-up; +-20% noise per pass on a VM, best of 6 fits 3 min on 2 cores
 args = p.parse_args()
 
 m = machine()
