@@ -47,7 +47,7 @@ class HFBackend:
     def run(self, batch: list[Encoded], positions: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per record: top-k ids (P, k) int32, top-k log-probs (P, k) fp32, target log-probs (P,) fp32."""
         inputs = self.inputs(batch)
-        hidden = self.model.model(**inputs).last_hidden_state  # (B, T, H) model dtype
+        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H); no KV cache: one pass
         B, T, H = hidden.shape
         flat = torch.cat([torch.as_tensor(p, dtype=torch.long) + b * T for b, p in enumerate(positions)]).to(self.device)  # (N,)
         targets = inputs["input_ids"].reshape(-1)[flat + 1]  # (N,) the token each position predicts

@@ -30,12 +30,12 @@ def topk_logprobs(
     ids, lps, tgt = [], [], []
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start : start + chunk]).float()  # (C, V) fp32
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1): log_softmax without a second (C, V) tensor
-        top_logit, top_id = logits.topk(k, dim=-1, sorted=True)  # (C, k)
+        logp = torch.log_softmax(logits, dim=-1)  # (C, V) fp32
+        top_lp, top_id = logp.topk(k, dim=-1, sorted=True)  # (C, k)
         ids.append(top_id.to(torch.int32))
-        lps.append(top_logit - lse)
-        tgt.append((logits.gather(-1, targets[start : start + chunk, None]) - lse).squeeze(-1))  # (C,)
-        del logits
+        lps.append(top_lp)
+        tgt.append(logp.gather(-1, targets[start : start + chunk, None]).squeeze(-1))  # (C,)
+        del logits, logp
     if not ids:
         empty = hidden.new_zeros((0, k), dtype=torch.float32)
         return empty.to(torch.int32), empty, hidden.new_zeros((0,), dtype=torch.float32)

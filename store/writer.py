@@ -111,7 +111,9 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._parquet = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd")
+        dictionary, split = _encodings(self.schema)
+        self._parquet = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd", use_dictionary=dictionary,
+                                         column_encoding=split)
         return self
 
     def write(self, record: RowRecord) -> None:
@@ -152,3 +154,19 @@ class ShardWriter:
         }
         os.replace(self.tmp_path, self.path)
         _fsync_dir(self.path.parent)
+
+
+def _encodings(schema: pa.Schema) -> tuple[list[str], dict[str, str]]:
+    """Per-column Parquet encodings: dictionary for integer columns (ids repeat), BYTE_STREAM_SPLIT for
+    floats (dictionary encoding inflates float32 log-probs; byte-split lets zstd find their shared
+    exponents): 153 -> 104 bytes per position at k=20 on smollm2-135m (benchmarks/cache_size.py)."""
+    dictionary, split = [], {}
+    for field in schema:
+        is_list = pa.types.is_list(field.type)
+        leaf = field.type.value_type if is_list else field.type
+        path = f"{field.name}.list.element" if is_list else field.name
+        if pa.types.is_floating(leaf):
+            split[path] = "BYTE_STREAM_SPLIT"
+        elif pa.types.is_integer(leaf):
+            dictionary.append(path)
+    return dictionary, split
