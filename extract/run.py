@@ -75,10 +75,11 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None) -> dict:
 
     mine = [s for s in range(cfg.shards) if s % cfg.num_workers == cfg.worker_index]
     todo = [s for s in mine if not shard_paths(cfg.out, s, cfg.shards)[2].exists()]
-    total = sum(len(list(iter_shard(records, s, cfg.shards))) for s in todo)
+    shard_records = {s: list(iter_shard(records, s, cfg.shards)) for s in todo}
+    total = sum(len(raws) for raws in shard_records.values())
     with tqdm(total=total, unit="rec", desc=f"extract worker {cfg.worker_index}/{cfg.num_workers}") as bar:
-        for s in todo:
-            _extract_shard(cfg, s, list(iter_shard(records, s, cfg.shards)), encoder, backend, bar)
+        for s, raws in shard_records.items():
+            _extract_shard(cfg, s, raws, encoder, backend, bar)
     manifest = finalize_manifest(cfg.out, cfg.shards, header)
     return {"shards_mine": len(mine), "shards_skipped": len(mine) - len(todo), "shards_done_now": len(todo),
             "manifest": manifest}

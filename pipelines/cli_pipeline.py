@@ -26,8 +26,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 SMOKE = ToyConfig(n_train_images=48, n_eval_images=8, n_pref=8, steps=30)  # exercises every step, proves nothing about quality
 
 
-def _log(msg: str, t0: float = time.time()) -> None:
-    typer.echo(f"[{time.time() - t0:6.0f}s] {msg}", err=False)
+_START = time.monotonic()
+
+
+def _log(msg: str) -> None:
+    typer.echo(f"[{time.monotonic() - _START:6.0f}s] {msg}")
 
 
 @app.command()

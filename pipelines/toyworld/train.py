@@ -1,4 +1,4 @@
-"""python -m modkd.pipelines.toyworld.train MODEL_DIR world/train.jsonl world/ OUT_DIR --steps 1500
+"""python -m modkd.pipelines.toyworld.train MODEL_DIR world/train.jsonl world/ OUT_DIR --steps 2000
 
 Plain supervised fine-tuning of a toy LLaVA model on toy-world records (trains the toy teacher).
 
