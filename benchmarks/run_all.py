@@ -44,7 +44,18 @@ def cache_size(r: dict) -> list[str]:
             f"  ours / anchor: {anchors}"]
 
 
-BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size}
+def student_step(r: dict) -> list[str]:
+    q, mm = r["ratios"], r["methods"]
+    return [f"student training step, {r['student_params'] / 1e6:.1f}M student, {r['teacher_params'] / 1e6:.1f}M online teacher "
+            f"({r['teacher_over_student']:.1f}x), V={r['vocab']}, batches of {r['batch_size']} x ~{r['tokens_per_batch'] / r['batch_size']:.0f} tokens:",
+            f"  offline KD / SFT        time {q['offline_vs_sft_time']:.2f}x, peak memory {q['offline_vs_sft_memory']:.2f}x  (targets <= 1.10x)",
+            f"  online / offline KD     time {q['online_vs_offline_time']:.2f}x  (target >= 1.8x)",
+            f"  offline / online KD     peak memory {q['offline_vs_online_memory']:.2f}x  (target <= 0.5x; "
+            f"{mm['offline']['peak_bytes'] / 2**20:.0f} vs {mm['online']['peak_bytes'] / 2**20:.0f} MiB above the shared student)"]
+
+
+BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size,
+              "student_step": student_step}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[2])

@@ -142,6 +142,7 @@ def _header(cfg: ExtractConfig, teacher: Teacher) -> dict:
         "image_processor_sha256": fp["image_processor_sha256"],
         "image_tokens_per_image": _image_tokens(teacher),
         "data": {"name": cfg.data.name, "sha256": sha256_file(cfg.data)},
+        "image_root": None if cfg.image_root is None else str(Path(cfg.image_root).resolve()),  # the trainer's default
         "settings": {"top_k": cfg.top_k, "encoding": "topk", "positions": cfg.positions,
                      "max_length": cfg.max_length, "shards": cfg.shards, "backend": "hf"},
     }

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transformers import AutoModelForImageTextToText
+
 from modkd.extract.teacher import LOCAL_PRESETS, modkd_home
 
 from .models import STUDENT_LLM, TEACHER_LLM, build_model, train_tokenizer
@@ -83,3 +85,21 @@ def trained(out: Path, name: str, llm: dict, world: Path, cfg: ToyConfig, log=pr
 def student_sft(toy: Toy, log=print) -> Path:
     """The plain-SFT baseline: the small student architecture trained exactly like the teacher."""
     return trained(toy.root / "student-sft", "student (plain SFT)", STUDENT_LLM, toy.world, toy.config, log)
+
+
+def student_init(toy: Toy, log=print) -> Path:
+    """The dense student before any training: the student LLM (random, the toy has no pretrained small LLM),
+    a fresh projector, and the teacher's trained vision tower, which plays LLaVA-MoD's shared pretrained CLIP."""
+    out = toy.root / "student-init"
+    if (out / "config.json").is_file():
+        return out
+    log(f"[toy] student init: student LLM + the teacher's vision tower -> {out}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_model(tmp, train_tokenizer(corpus_texts(toy.world)), STUDENT_LLM, seed=toy.config.seed)
+    student = AutoModelForImageTextToText.from_pretrained(tmp)
+    teacher = AutoModelForImageTextToText.from_pretrained(toy.teacher)
+    student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+    student.save_pretrained(tmp)
+    tmp.rename(out)
+    return out

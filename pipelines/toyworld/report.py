@@ -13,17 +13,23 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 
 
 def parameters(model_dir: Path) -> dict:
-    """Parameter counts from the safetensors header (no weights loaded); dense models activate all of them."""
+    """Parameter counts from the safetensors header (no weights loaded). A token activates every dense
+    parameter and k of the E experts of each MoE layer."""
     from safetensors import safe_open
 
-    total = 0
+    text = json.loads((Path(model_dir) / "config.json").read_text()).get("text_config", {})
+    total = experts = 0
     with safe_open(Path(model_dir) / "model.safetensors", framework="numpy") as f:
         for name in f.keys():
             n = 1
             for d in f.get_slice(name).get_shape():
                 n *= d
             total += n
-    return {"params_total": total, "params_active": total}
+            experts += n if ".mlp.experts." in name else 0
+    active = total
+    if text.get("model_type") == "qwen2_moe":
+        active = total - experts + experts * text["num_experts_per_tok"] // text["num_experts"]
+    return {"params_total": total, "params_active": active}
 
 
 def comparison_table(results: dict[str, dict]) -> str:

@@ -1,0 +1,47 @@
+"""pytest tests/test_student_train.py -q -k refuses   # what the trainer checks before it trains
+
+Before a step is taken: the cache's tokenizer fingerprint must equal the student's (the cached ids and
+top-k ids are meaningless otherwise), the student's vision tower must yield as many tokens per image
+as the cache's input_ids hold, and the cache must hold the position kinds the run distils.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from modkd.store import POSITION_MODES, Cache
+from modkd.store.fingerprint import tokenizer_sha256
+
+
+def check_student_matches_cache(cache: Cache, model, processor, student: str, kd_positions: str) -> None:
+    manifest = cache.manifest
+    ours = tokenizer_sha256(processor.tokenizer, processor.chat_template)
+    theirs = manifest["tokenizer_sha256"]
+    if ours != theirs:
+        raise ValueError(
+            f"tokenizer mismatch: the cache {cache.path} was extracted with teacher "
+            f"{manifest['teacher']['name']!r} whose tokenizer (with chat template) has sha256 {theirs[:16]}..., "
+            f"but student {student} has {ours[:16]}...; student and teacher must share one tokenizer")
+    cached = manifest.get("image_tokens_per_image")
+    if cached is not None:
+        tokens = vision_tokens_per_image(model, processor)
+        if tokens != cached:
+            raise ValueError(f"image tokens differ: the cache's records hold {cached} tokens per image but student "
+                             f"{student}'s vision tower yields {tokens}; the student cannot read these records")
+    have = set(POSITION_MODES[manifest["settings"]["positions"]])
+    want = set(POSITION_MODES[kd_positions])
+    if not want <= have:
+        raise ValueError(f"kd_positions={kd_positions!r} needs {sorted(want)} positions, but the cache was "
+                         f"extracted with --positions {manifest['settings']['positions']} ({sorted(have)})")
+
+
+@torch.no_grad()
+def vision_tokens_per_image(model, processor) -> int:
+    """Tokens the student's vision tower feeds the LLM for one image (CLS dropped by the "default" strategy)."""
+    size = processor.image_processor.crop_size or processor.image_processor.size
+    side = size.get("height") or size.get("shortest_edge")
+    pixels = processor.image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")["pixel_values"]
+    tower = model.model.vision_tower
+    out = tower(pixels.to(tower.dtype).to(tower.device)).last_hidden_state  # (1, tokens, D)
+    return out.shape[1] - (model.config.vision_feature_select_strategy == "default")

@@ -1,0 +1,71 @@
+"""python -c "from modkd.student.config import TrainConfig; print(TrainConfig.__doc__)"   # every training option
+
+One dataclass holds every option of a training run. A stage's recipe (pipelines/recipes/STAGE.yaml,
+LLaVA-MoD Table 10) fills it, `--config FILE` and `--set key=value` override it, and the trainer
+writes it whole to OUT/train_config.json, where a rerun into the same OUT must find the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from modkd.store import POSITION_MODES
+
+STAGES = ("init", "sft", "d2d", "d2s")  # DESIGN section 5; each has a recipe in pipelines/recipes/
+
+
+@dataclass
+class TrainConfig:
+    """A student training run. Paths are filled by the CLI; the rest comes from the stage's recipe."""
+
+    stage: str
+    cache: Path
+    student: str  # local HF directory or hub id of a LLaVA model
+    out: Path
+    image_root: Path | None = None  # where the cached records' images live (checked by sha256)
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # records per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5  # LLaVA-MoD Table 10, mimic distillation
+    warmup_ratio: float = 0.03  # Table 10
+    beta1: float = 0.9  # Table 10
+    beta2: float = 0.98  # Table 10
+    weight_decay: float = 0.0  # Table 10
+    max_grad_norm: float = 1.0  # LLaVA/MoE-LLaVA's DeepSpeed default
+    seed: int = 0
+    kd_weight: float = 1.0  # 0 disables the KL term (init, sft)
+    lm_weight: float = 0.0  # CE on response tokens (init, sft, d2s)
+    kd_positions: str = "response"  # which cached positions are distilled: a key of store.POSITION_MODES
+    tail: bool = False  # add the tail bucket 1 - sum(top-k) to the KL (otherwise top-k renormalised)
+    experts: int = 4  # d2s upcycling: E4T2 is LLaVA-MoD's default
+    top_k_experts: int = 2
+    moe_every: int = 1  # experts in every layer (1) or every other layer (2, as LLaVA-MoD's code)
+    normalize_topk: bool | None = None  # None: DeepSpeed-MoE's rule (renormalise for k >= 2); see student/model.py
+    routing: str = "topk"  # topk | jitter | rsample (training only)
+    aux_loss_coef: float = 0.01  # MoE-LLaVA / LLaVA-MoD; added once
+    save_every: int = 500  # optimizer steps between checkpoints (and at the end)
+    log_every: int = 10  # optimizer steps between TensorBoard points
+    num_workers: int = 0  # DataLoader workers; resume is bit-exact with 0 (see README)
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    online_teacher: str | None = None  # comparison mode: compute the teacher's full distribution each step
+
+    def __post_init__(self) -> None:
+        self.cache, self.out = Path(self.cache), Path(self.out)
+        self.image_root = None if self.image_root is None else Path(self.image_root)
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
+        if self.kd_positions not in POSITION_MODES:
+            raise ValueError(f"kd_positions must be one of {', '.join(POSITION_MODES)}, got {self.kd_positions!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "experts", "top_k_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kd_weight == 0 and self.lm_weight == 0:
+            raise ValueError("kd_weight and lm_weight are both 0: nothing to train")
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in fields(cls)}

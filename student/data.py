@@ -1,0 +1,189 @@
+"""pytest tests/test_student_data.py -q   # stream, shuffle, resume and batch cached records
+
+From the cache to training batches, without re-tokenising: the cached `input_ids` are used as they
+are, and each image is read from the trainer's image root and checked against the sha256 recorded
+at extraction.
+
+`RecordStream` reads one rank's (and one DataLoader worker's) part of the cache through
+`Cache.records(rank, world_size)`, shuffles it with a buffer, and starts a new epoch when the part
+runs out, so ranks with unequal record counts still take the same number of steps. Its whole state
+(epoch, reader cursor, the cursors of the records in the buffer, RNG) rides along with every batch,
+so a checkpoint can resume the stream exactly where the consumed batches left it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modkd.store import POSITION_KINDS, POSITION_MODES, Cache, DistillRecord
+
+SHUFFLE_BUFFER = 1024  # records; ~4 row groups, enough to mix shards written from one ordered data file
+RESPONSE = POSITION_KINDS["response"]
+
+
+class RecordStream:
+    """Endless shuffled records of part `part` of `parts` (rank x worker); state() resumes it exactly."""
+
+    def __init__(self, cache: Cache, part: int, parts: int, seed: int, buffer_size: int = SHUFFLE_BUFFER,
+                 state: dict | None = None) -> None:
+        self.cache, self.part, self.parts, self.buffer_size = cache, part, parts, buffer_size
+        self.epoch, self.read, self.buffer = 0, 0, []
+        self.rng = random.Random(f"{seed}/{part}/{parts}")
+        if state is not None:
+            self._restore(state)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "read": self.read, "buffer": [r.cursor for r in self.buffer],
+                "rng": self.rng.getstate()}
+
+    def _restore(self, state: dict) -> None:
+        self.epoch, self.read = state["epoch"], state["read"]
+        self.rng.setstate(_as_rng_state(state["rng"]))
+        wanted = state["buffer"]
+        if wanted:  # re-read the window that holds the buffered records, keep those, in buffer order
+            by_cursor = {}
+            for rec in self.cache.records(self.part, self.parts, start=min(wanted) - 1):
+                if rec.cursor > self.read:
+                    break
+                by_cursor[rec.cursor] = rec
+            self.buffer = [by_cursor[c] for c in wanted]
+
+    def __iter__(self):
+        while True:
+            source = self.cache.records(self.part, self.parts, start=self.read)
+            got_any = self.read > 0 or bool(self.buffer)
+            for rec in source:
+                got_any = True
+                self.read = rec.cursor
+                if len(self.buffer) < self.buffer_size:
+                    self.buffer.append(rec)
+                    continue
+                i = self.rng.randrange(len(self.buffer))
+                self.buffer[i], rec = rec, self.buffer[i]
+                yield rec
+            while self.buffer:  # the part is exhausted: drain the buffer in random order
+                yield self.buffer.pop(self.rng.randrange(len(self.buffer)))
+            if not got_any:
+                raise ValueError(f"part {self.part} of {self.parts} of {self.cache.path} holds no records; "
+                                 f"use fewer processes/workers than the cache has row groups")
+            self.epoch, self.read = self.epoch + 1, 0
+
+
+def _as_rng_state(state) -> tuple:
+    """random.setstate wants tuples; a state that went through JSON comes back as lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+@dataclass
+class Batch:
+    """A padded batch. The distilled positions are flattened over the batch: N = total stored positions."""
+
+    input_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W) fp32
+    flat_positions: torch.Tensor  # (N,) int64: b * T + t of each stored position t
+    kinds: torch.Tensor  # (N,) int8: POSITION_KINDS
+    targets: torch.Tensor  # (N,) int64: input_ids[b, t + 1]
+    topk_ids: torch.Tensor  # (N, k) int64
+    topk_logprobs: torch.Tensor  # (N, k) fp32
+    sample_ids: list[str]
+    stream_state: dict | None = None  # the stream's state after this batch was drawn
+
+    def to(self, device) -> Batch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return Batch(**moved)
+
+    def kind_mask(self, mode: str) -> torch.Tensor:
+        """(N,) bool: positions whose kind belongs to POSITION_MODES[mode] (e.g. "response")."""
+        wanted = torch.tensor([POSITION_KINDS[k] for k in POSITION_MODES[mode]], dtype=self.kinds.dtype)
+        return torch.isin(self.kinds, wanted.to(self.kinds.device))
+
+
+class ImageLoader:
+    """Opens cached records' images under `image_root`, checking each file's sha256 once."""
+
+    def __init__(self, image_root: Path | None, image_processor) -> None:
+        self.root = None if image_root is None else Path(image_root).resolve()
+        self.image_processor = image_processor
+        self.checked: set[str] = set()
+
+    def pixels(self, records: list[DistillRecord]) -> torch.Tensor | None:
+        images = [self._open(r) for r in records if r.image is not None]
+        if not images:
+            return None
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (n, 3, H, W)
+
+    def _open(self, rec: DistillRecord) -> Image.Image:
+        if self.root is None:
+            raise ValueError(f"record {rec.sample_id!r} has an image ({rec.image.path}); pass --image-root")
+        path = (self.root / rec.image.path).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"record {rec.sample_id!r}: image {rec.image.path} lies outside the image root {self.root}")
+        if rec.image.path not in self.checked:
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                raise ValueError(f"record {rec.sample_id!r}: image {path} is missing (is --image-root right?)") from None
+            if digest != rec.image.sha256:
+                raise ValueError(f"record {rec.sample_id!r}: image {path} has sha256 {digest[:12]}... but the teacher "
+                                 f"saw {rec.image.sha256[:12]}...; the image changed since extraction")
+            self.checked.add(rec.image.path)
+        return Image.open(path).convert("RGB")
+
+
+def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader) -> Batch:
+    """Right-padded batch of records, with their stored positions flattened over the batch."""
+    T = max(len(r.input_ids) for r in records)
+    ids = torch.full((len(records), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(records), T), dtype=torch.long)  # (B, T)
+    flat, kinds, targets, topk_ids, topk_lp = [], [], [], [], []
+    for b, r in enumerate(records):
+        n = len(r.input_ids)
+        ids[b, :n] = torch.from_numpy(r.input_ids.astype(np.int64))
+        mask[b, :n] = 1
+        pos = r.positions.astype(np.int64)  # (P,)
+        flat.append(b * T + pos)
+        kinds.append(r.position_kinds)
+        targets.append(r.input_ids[pos + 1].astype(np.int64))  # position t predicts token t + 1
+        topk_ids.append(r.topk_ids.astype(np.int64))
+        topk_lp.append(r.topk_logprobs)
+    return Batch(
+        input_ids=ids, attention_mask=mask, pixel_values=images.pixels(records),
+        flat_positions=torch.from_numpy(np.concatenate(flat)),
+        kinds=torch.from_numpy(np.concatenate(kinds)),
+        targets=torch.from_numpy(np.concatenate(targets)),
+        topk_ids=torch.from_numpy(np.concatenate(topk_ids)),
+        topk_logprobs=torch.from_numpy(np.concatenate(topk_lp)),
+        sample_ids=[r.sample_id for r in records],
+    )
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Batches for one process; each DataLoader worker streams its own part of the rank's share."""
+
+    def __init__(self, cache_path: Path, rank: int, world_size: int, batch_size: int, seed: int, pad_id: int,
+                 image_root: Path | None, image_processor, states: dict | None = None) -> None:
+        self.cache_path, self.rank, self.world_size = cache_path, rank, world_size
+        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.image_root, self.image_processor = image_root, image_processor
+        self.states = states or {}  # worker id -> RecordStream state
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        part, parts = self.rank * workers + worker, self.world_size * workers
+        stream = RecordStream(Cache.open(self.cache_path), part, parts, self.seed, state=self.states.get(worker))
+        images = ImageLoader(self.image_root, self.image_processor)
+        records = iter(stream)
+        while True:
+            batch = collate([next(records) for _ in range(self.batch_size)], self.pad_id, images)
+            batch.stream_state = {"worker": worker, "state": stream.state()}
+            yield batch

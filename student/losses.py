@@ -1,0 +1,78 @@
+"""pytest tests/test_losses.py -q   # the properties every loss here must satisfy
+
+Distillation and LM losses from cached teacher distributions (DESIGN section 6).
+
+Every loss is a *sum* over the positions it is given; the trainer divides by the global number of
+distilled tokens, so gradient accumulation and data parallelism do not change the gradient.
+
+Position t's distribution predicts token t + 1: callers pass the hidden states of the predicting
+positions (the cache's `positions`) and the token that follows each one as its target.
+
+The student's log-softmax is taken over the full vocabulary in fp32, on chunks of positions, so a
+(positions, V) fp32 tensor never exists whole; with more than one chunk each chunk is recomputed in
+the backward pass (activation checkpointing) instead of being kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_POSITIONS = 1024  # 1024 x 152k fp32 logits = 600 MB per chunk for Qwen's vocabulary
+
+
+def _terms(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor, targets: torch.Tensor, tail: bool):
+    logits = F.linear(hidden, weight).float()  # (n, V) fp32
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+    logq_topk = logits.gather(1, topk_ids) - log_z  # (n, k) fp32
+    logq_target = logits.gather(1, targets[:, None])[:, 0] - log_z[:, 0]  # (n,) fp32
+    if not tail:
+        return logq_topk, logq_target, torch.full_like(logq_target, float("nan"))
+    outside = logits.scatter(1, topk_ids, float("-inf"))  # (n, V): the support removed
+    logq_tail = torch.logsumexp(outside, dim=-1) - log_z[:, 0]  # (n,) fp32, -inf if k = V
+    return logq_topk, logq_target, logq_tail
+
+
+def student_logprobs(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor, targets: torch.Tensor,
+                     chunk: int = CHUNK_POSITIONS, tail: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's log q at the cached ids, at the target token, and of the tail outside the ids.
+
+    hidden (N, H) at the predicting positions; weight (V, H) the lm_head; topk_ids (N, k) int64 (unique
+    per row); targets (N,) int64. Returns (N, k), (N,), (N,) fp32. The tail is computed as a
+    logsumexp over the tokens outside the ids, so it never suffers 1 - sum(q) cancellation; with
+    tail=False it is skipped (NaN), saving a (chunk, V) copy.
+    """
+    n = hidden.shape[0]
+    if n <= chunk:
+        return _terms(hidden, weight, topk_ids, targets, tail)
+    parts = [checkpoint(_terms, hidden[s : s + chunk], weight, topk_ids[s : s + chunk], targets[s : s + chunk], tail,
+                        use_reentrant=False) for s in range(0, n, chunk)]
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+def forward_kl(logq_topk: torch.Tensor, logp_topk: torch.Tensor, logq_tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position forward KL(p || q) over the cached support; (N,) fp32.
+
+    Without a tail: p is the teacher's top-k renormalised to sum to 1 (biased toward the head) and q the
+    student's full-vocabulary log-softmax at those ids: sum_i p_i (log p_i - log q_i) >= KL(p || q|support) >= 0.
+    With the tail bucket: p_i are the teacher's true probabilities, plus p_tail = 1 - sum p_i against
+    q_tail = 1 - sum q_i, i.e. the exact KL between the two (k + 1)-bucket distributions. With k = V
+    both forms equal full-vocabulary KL.
+    """
+    logp_topk = logp_topk.float()  # (N, k) fp32
+    if logq_tail is None:
+        logp = torch.log_softmax(logp_topk, dim=-1)  # (N, k) renormalised over the support
+        return (logp.exp() * (logp - logq_topk)).sum(-1)
+    head = (logp_topk.exp() * (logp_topk - logq_topk)).sum(-1)  # (N,)
+    p_tail = (1.0 - logp_topk.exp().sum(-1)).clamp(min=0.0)  # (N,) cached log-probs may sum to 1 + eps
+    # q_tail = 0 (logq_tail = -inf) only when the ids cover the whole vocabulary: then p_tail is fp32 rounding, not mass
+    has_tail = (p_tail > 0) & (logq_tail > float("-inf"))
+    safe_tail = torch.where(has_tail, logq_tail, torch.zeros_like(logq_tail))  # 0 * -inf would be NaN
+    tail = torch.where(has_tail, p_tail * (torch.log(p_tail.clamp(min=1e-30)) - safe_tail), torch.zeros_like(p_tail))
+    return head + tail
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` (N,) where `mask` (N,) is true; 0 (not NaN) when nothing is selected."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum()

@@ -1,0 +1,246 @@
+"""mod-student train --stage d2s --cache cache/ --student runs/d2d/final --out runs/d2s
+
+The student trainer: one loop for every stage, on accelerate (launch with `accelerate launch` for
+several processes), streaming the cache and never loading the teacher unless `online_teacher` is set.
+
+Each optimizer step draws `grad_accum` micro-batches, counts their distilled and LM tokens, sums the
+counts over all processes, and divides each micro-batch's summed losses by those global counts; DDP
+averages gradients, so every loss is multiplied by the number of processes. The gradient therefore
+equals the one of a single batch holding all tokens, whatever the split (test: 4 x 2 == 1 x 8).
+
+Loss = kd_weight * KL(teacher || student) / #distilled + lm_weight * CE / #response + aux_coef * aux.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, get_cosine_schedule_with_warmup
+
+from modkd.store import Cache
+
+from . import checkpoint
+from .checks import check_student_matches_cache
+from .config import TrainConfig
+from .data import Batch, BatchStream
+from .losses import forward_kl, masked_sum, student_logprobs
+from .model import freeze_for, is_sparse, load_student, upcycle
+from .routing import RouterTap
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class HiddenAtPositions(torch.nn.Module):
+    """The LLaVA model up to its last hidden state, gathered at the distilled positions (the lm_head and
+    loss run chunked outside). Wrapping it lets DDP see every forward."""
+
+    def __init__(self, llava) -> None:
+        super().__init__()
+        self.llava = llava
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        out = self.llava.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               pixel_values=batch.pixel_values, use_cache=False)
+        hidden = out.last_hidden_state  # (B, T, H)
+        return hidden.reshape(-1, hidden.shape[-1])[batch.flat_positions]  # (N, H)
+
+
+def build_student(cfg: TrainConfig, log=print):
+    """(model, processor) for the stage: d2s upcycles a dense student; parameters frozen per stage."""
+    model, processor = load_student(cfg.student)
+    if cfg.stage == "d2s" and not is_sparse(model):
+        log(f"[student] upcycling {cfg.student}: E{cfg.experts}T{cfg.top_k_experts}, every {cfg.moe_every} layer(s)")
+        model = upcycle(model, cfg.experts, cfg.top_k_experts, cfg.moe_every, cfg.normalize_topk, cfg.aux_loss_coef,
+                        cfg.seed)
+    elif is_sparse(model):
+        text = model.config.text_config
+        if (text.num_experts, text.num_experts_per_tok) != (cfg.experts, cfg.top_k_experts):
+            raise ValueError(f"{cfg.student} is already E{text.num_experts}T{text.num_experts_per_tok}; "
+                             f"--experts/--top-k-experts ask for E{cfg.experts}T{cfg.top_k_experts}")
+    trained = freeze_for(model, cfg.stage)
+    return model, processor, trained
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Trains cfg.stage; writes checkpoints and OUT/final (HF format); returns OUT/final."""
+    accelerator = Accelerator(
+        mixed_precision=_precision(cfg.mixed_precision), log_with="tensorboard", project_dir=str(cfg.out),
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # unrouted experts get no grad
+    _claim_out(cfg, accelerator)
+    set_seed(cfg.seed)
+    cache = Cache.open(cfg.cache)
+    model, processor, trained = build_student(cfg, log if accelerator.is_main_process else _quiet)
+    check_student_matches_cache(cache, model, processor, cfg.student, cfg.kd_positions)
+    tap = RouterTap(model, cfg.routing) if is_sparse(model) else None
+    teacher = _online_teacher(cfg, accelerator) if cfg.online_teacher else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    wrapped, optimizer, scheduler = accelerator.prepare(HiddenAtPositions(model), optimizer, scheduler)
+
+    step, streams = 0, {}
+    resume = checkpoint.latest(cfg.out)
+    if resume is not None:
+        step, streams = checkpoint.load(accelerator, wrapped, resume)
+        log(f"[train] resuming from {resume} (step {step})")
+    data = BatchStream(cfg.cache, accelerator.process_index, accelerator.num_processes, cfg.batch_size, cfg.seed,
+                       processor.tokenizer.pad_token_id, cfg.image_root, processor.image_processor, streams)
+    loader_rng = torch.Generator().manual_seed(cfg.seed)  # the DataLoader draws a seed: not from the restored global RNG
+    batches = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.num_workers, generator=loader_rng))
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_json().items()})
+        log(f"[train] stage {cfg.stage}: {n_params:,} trained parameters in {len(trained)} tensors; "
+            f"{accelerator.num_processes} process(es), {cfg.batch_size} x {cfg.grad_accum} records per process per step")
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.stage}", unit="step",
+               disable=not accelerator.is_main_process)
+    lm_head = model.get_output_embeddings().weight  # (V, H)
+    while step < cfg.max_steps:
+        started = time.perf_counter()
+        micro = [next(batches).to(accelerator.device) for _ in range(cfg.grad_accum)]
+        for b in micro:
+            streams[b.stream_state["worker"]] = b.stream_state["state"]
+        sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, lm_head, micro, tap, teacher)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        kd_loss, lm_loss = sums[0].item() / n_kd, sums[1].item() / n_lm
+        if not all(math.isfinite(x) for x in (kd_loss, lm_loss, sums[2].item(), float(grad_norm))):
+            raise TrainingDiverged(
+                f"non-finite loss at step {step + 1} (kd {kd_loss}, lm {lm_loss}, aux {sums[2].item()}, grad norm "
+                f"{float(grad_norm)}); the weights were not updated. Last good checkpoint: "
+                f"{checkpoint.latest(cfg.out) or 'none yet'}. Lower --lr or check the cache (mod-store verify).")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(kd=f"{kd_loss:.4f}", lm=f"{lm_loss:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            scalars = {"loss/kd": kd_loss, "loss/lm": lm_loss, "loss/aux": sums[2].item() / accelerator.num_processes,
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "tokens_per_s": sums[3].item() / (time.perf_counter() - started)}
+            if tap is not None:
+                for layer, load in enumerate(tap.expert_load(micro[-1].attention_mask)):
+                    scalars.update({f"expert_load/router{layer}/e{e}": v for e, v in enumerate(load.tolist())})
+            accelerator.log(scalars, step=step)
+            if accelerator.is_main_process:  # the same points as JSON lines, for plots and tests
+                with open(cfg.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            checkpoint.save(accelerator, cfg.out, step, streams)
+    bar.close()
+    accelerator.end_training()
+    final = cfg.out / "final"
+    if accelerator.is_main_process:
+        _save_final(accelerator.unwrap_model(wrapped).llava, processor, final, cfg)
+        log(f"[train] saved {final}")
+    accelerator.wait_for_everyone()
+    if tap is not None:
+        tap.remove()
+    return final
+
+
+def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm_head, micro: list[Batch], tap,
+                         teacher) -> tuple[torch.Tensor, float, float]:
+    """Backward of one optimizer step's micro-batches, each loss divided by the step's global token counts.
+
+    Returns (summed [kd, lm, aux, tokens] over all processes, global #distilled, global #response tokens).
+    """
+    kd_masks = [b.kind_mask(cfg.kd_positions) for b in micro]
+    lm_masks = [b.kind_mask("response") for b in micro]
+    local = torch.stack([sum(m.sum() for m in kd_masks), sum(m.sum() for m in lm_masks)]).double()  # (2,)
+    n_kd, n_lm = accelerator.reduce(local, "sum").clamp(min=1).tolist()  # clamp: all-masked gives 0, not NaN
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # kd, lm, aux, tokens
+    for i, (b, kd_mask, lm_mask) in enumerate(zip(micro, kd_masks, lm_masks)):
+        sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else nullcontext()  # all-reduce on the last only
+        with sync:
+            kd, lm, aux = _micro_loss(cfg, wrapped, lm_head, b, kd_mask, lm_mask, tap, teacher)
+            loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * accelerator.num_processes  # DDP averages
+            loss = loss + cfg.aux_loss_coef * aux / len(micro)
+            accelerator.backward(loss)
+        sums += torch.stack([kd.detach(), lm.detach(), aux.detach() / len(micro), b.attention_mask.sum()]).double()
+    return accelerator.reduce(sums, "sum"), n_kd, n_lm
+
+
+def _micro_loss(cfg, wrapped, lm_head, b: Batch, kd_mask, lm_mask, tap, teacher):
+    """Summed KL over kd_mask, summed CE over lm_mask, and the aux loss, for one micro-batch."""
+    used = (kd_mask if cfg.kd_weight else torch.zeros_like(kd_mask)) | (lm_mask if cfg.lm_weight else torch.zeros_like(lm_mask))
+    if tap is not None:
+        tap.reset()
+    hidden = wrapped(b)[used]  # (n, H)
+    if teacher is not None:  # online comparison: the full teacher distribution, as LLaVA-MoD's code computes it
+        topk_logprobs = _teacher_logprobs(teacher, b, used)  # (n, V) fp32
+        topk_ids = torch.arange(topk_logprobs.shape[1], device=hidden.device).expand_as(topk_logprobs)  # (n, V)
+    else:
+        topk_ids, topk_logprobs = b.topk_ids[used], b.topk_logprobs[used]  # (n, k), (n, k)
+    if topk_ids.numel() and int(topk_ids.max()) >= lm_head.shape[0]:
+        raise ValueError(f"cached token id {int(topk_ids.max())} is outside the student's vocabulary ({lm_head.shape[0]})")
+    logq_topk, logq_target, logq_tail = student_logprobs(hidden, lm_head, topk_ids, b.targets[used], tail=cfg.tail)
+    kl = forward_kl(logq_topk, topk_logprobs, logq_tail if cfg.tail else None)  # (n,)
+    kd = masked_sum(kl, kd_mask[used])
+    lm = masked_sum(-logq_target, lm_mask[used])
+    aux = tap.aux_loss(b.attention_mask) if tap is not None else torch.zeros((), device=hidden.device)
+    return kd, lm, aux.to(hidden.device)
+
+
+@torch.no_grad()
+def _teacher_logprobs(teacher, b: Batch, used: torch.Tensor) -> torch.Tensor:
+    out = teacher.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                        use_cache=False).last_hidden_state  # (B, T, H_t)
+    hidden = out.reshape(-1, out.shape[-1])[b.flat_positions][used]  # (n, H_t)
+    return torch.log_softmax(teacher.get_output_embeddings()(hidden).float(), dim=-1)  # (n, V) fp32
+
+
+def _online_teacher(cfg: TrainConfig, accelerator: Accelerator):
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32  # as the student computes
+    teacher = AutoModelForImageTextToText.from_pretrained(cfg.online_teacher, dtype=dtype)
+    teacher.requires_grad_(False)
+    return teacher.to(accelerator.device).eval()
+
+
+def _save_final(model, processor, final: Path, cfg: TrainConfig) -> None:
+    tmp = final.with_name(final.name + ".tmp")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "modkd_train_config.json").write_text(json.dumps(cfg.to_json(), indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _claim_out(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """OUT/train_config.json records the run; a rerun resumes only with the same options."""
+    path = cfg.out / "train_config.json"
+    ours = cfg.to_json()
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k) and k != "save_every")
+        if diff:
+            raise ValueError(f"{cfg.out} holds a run with other options ({', '.join(diff)} differ); "
+                             f"use another --out or the same options to resume it")
+    elif accelerator.is_main_process:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ours, indent=1))
+    accelerator.wait_for_everyone()
+
+
+def _precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass

@@ -1,0 +1,163 @@
+"""pytest tests/test_student_train.py -q
+
+The student trainer on tiny models: offline KD equals online KD when the cache holds the whole
+distribution (the anchor), gradient accumulation is invariant to the split, checkpoints resume
+bit-exactly, and the trainer refuses what it cannot train on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from modkd.extract.run import ExtractConfig, run
+from modkd.pipelines.toyworld.models import STUDENT_LLM, VOCAB_SIZE, build_model
+from modkd.store import Cache
+from modkd.student.config import TrainConfig
+from modkd.student.data import ImageLoader, collate
+from modkd.student.model import freeze_for, load_student
+from modkd.student.trainer import HiddenAtPositions, TrainingDiverged, _micro_loss, accumulate_gradients, train
+
+
+@pytest.fixture(scope="module")
+def full_cache(tmp_path_factory, teacher_dir, mixed_data, world) -> Path:
+    """Every position of 30 records with the teacher's whole distribution (k = V)."""
+    out = tmp_path_factory.mktemp("full") / "cache"
+    run(ExtractConfig(teacher=str(teacher_dir), data=mixed_data, out=out, image_root=world, shards=2,
+                      top_k=VOCAB_SIZE, positions="all", row_group_size=4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tokenizer) -> Path:
+    return build_model(tmp_path_factory.mktemp("student"), tokenizer, STUDENT_LLM, seed=1)
+
+
+def config(tmp: Path, cache: Path, student: Path, world: Path, **kw) -> TrainConfig:
+    base = dict(stage="d2d", cache=cache, student=str(student), out=tmp / "run", image_root=world, max_steps=4,
+                batch_size=4, lr=1e-3, save_every=100, log_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def first_records(cache: Path, n: int):
+    return [r for _, r in zip(range(n), Cache.open(cache).records())]
+
+
+def batch_of(records, processor, world):
+    return collate(records, processor.tokenizer.pad_token_id, ImageLoader(world, processor.image_processor))
+
+
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("kd_positions", ["response", "all"])
+def test_offline_equals_online_kd_when_cache_holds_full_distribution(full_cache, student_dir, teacher_dir, world,
+                                                                     tmp_path, tail, kd_positions):
+    cfg = config(tmp_path, full_cache, student_dir, world, tail=tail, kd_positions=kd_positions)
+    model, processor = load_student(student_dir)
+    freeze_for(model, "d2d")
+    teacher = AutoModelForImageTextToText.from_pretrained(teacher_dir).eval()
+    batch = batch_of(first_records(full_cache, 6), processor, world)
+    assert batch.pixel_values is not None and batch.topk_ids.shape[1] == VOCAB_SIZE
+    kd_mask, lm_mask = batch.kind_mask(kd_positions), batch.kind_mask("response")
+    results = []
+    for online in (None, teacher):
+        model.zero_grad()
+        kd, _, _ = _micro_loss(cfg, HiddenAtPositions(model), model.get_output_embeddings().weight, batch, kd_mask,
+                               lm_mask, None, online)
+        kd.backward()
+        results.append((kd.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (offline, g_off), (online_kd, g_on) = results
+    assert offline.item() > 1.0  # a random student is far from the teacher: the comparison is not 0 == 0
+    torch.testing.assert_close(offline, online_kd, rtol=1e-5, atol=1e-6)
+    assert g_off.keys() == g_on.keys() and len(g_off) > 10
+    for name in g_off:  # atol relative to the tensor's scale: the cached teacher ran in other batches (fp32 noise ~1e-7)
+        scale = g_on[name].abs().max().item()
+        torch.testing.assert_close(g_off[name], g_on[name], rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_grad_accumulation_4x2_equals_1x8(full_cache, student_dir, world, tmp_path):
+    cfg = config(tmp_path, full_cache, student_dir, world, lm_weight=1.0, kd_positions="response+instruction")
+    model, processor = load_student(student_dir)
+    freeze_for(model, "d2d")
+    records = first_records(full_cache, 8)
+    grads = []
+    for split in ([records], [records[i : i + 2] for i in range(0, 8, 2)]):
+        model.zero_grad()
+        micro = [batch_of(part, processor, world) for part in split]
+        sums, n_kd, n_lm = accumulate_gradients(cfg, Accelerator(cpu=True), HiddenAtPositions(model),
+                                                model.get_output_embeddings().weight, micro, None, None)
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sums[:2], n_kd, n_lm))
+    (g1, s1, *n1), (g4, s4, *n4) = grads
+    assert n1 == n4 and n1[0] > n1[1] > 0
+    torch.testing.assert_close(s1, s4, rtol=1e-6, atol=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g4[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_resume_from_a_checkpoint_is_bit_exact(full_cache, student_dir, world, tmp_path):
+    """d2s with jitter (the model consumes torch RNG), 2N steps straight vs N, stop, resume N."""
+    kw = dict(stage="d2s", routing="jitter", max_steps=6, save_every=3, lm_weight=1.0)
+    straight = config(tmp_path / "a", full_cache, student_dir, world, **kw)
+    train(straight)
+    resumed = config(tmp_path / "b", full_cache, student_dir, world, **kw)
+    train(resumed)
+    # what a kill right after the step-3 checkpoint leaves on disk
+    shutil.rmtree(resumed.out / "final")
+    shutil.rmtree(resumed.out / "checkpoints" / "step-0000006")
+    logs = []
+    train(resumed, log=logs.append)
+    assert any("resuming" in line and "step-0000003" in line for line in logs)
+    a, b = weights(straight.out), weights(resumed.out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    sparse = AutoModelForImageTextToText.from_pretrained(resumed.out / "final")
+    assert sparse.config.text_config.model_type == "qwen2_moe"
+
+
+def test_rerun_with_other_options_is_refused(full_cache, student_dir, world, tmp_path):
+    train(config(tmp_path, full_cache, student_dir, world, max_steps=1))
+    with pytest.raises(ValueError, match="lr differ"):
+        train(config(tmp_path, full_cache, student_dir, world, max_steps=1, lr=0.5))
+
+
+def test_refuses_a_student_with_another_tokenizer(full_cache, student_dir, world, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(student_dir, other)
+    processor = AutoProcessor.from_pretrained(other)
+    processor.chat_template = processor.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    processor.save_pretrained(other)
+    with pytest.raises(ValueError, match=r"tokenizer mismatch: .*toy|tokenizer mismatch") as err:
+        train(config(tmp_path, full_cache, other, world))
+    assert str(err.value).count("...") == 2  # both fingerprints are named
+
+
+def test_refuses_a_vision_tower_with_another_image_token_count(full_cache, student_dir, world, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(student_dir)
+    config_ = model.config
+    config_.vision_config.patch_size = 12  # 16 patches instead of 9
+    other = tmp_path / "patch12"
+    type(model)(config_).save_pretrained(other)
+    AutoProcessor.from_pretrained(student_dir).save_pretrained(other)
+    with pytest.raises(ValueError, match="image tokens differ: .* 9 tokens .* yields 16"):
+        train(config(tmp_path, full_cache, other, world))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(full_cache, student_dir, world, tmp_path):
+    cfg = config(tmp_path, full_cache, student_dir, world, lr=1e30, max_steps=10, save_every=1, warmup_ratio=0.0)
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step .*Last good checkpoint: .*step-") as err:
+        train(cfg)
+    saved = sorted(p.name for p in (cfg.out / "checkpoints").iterdir())
+    assert saved and all(not name.endswith(".tmp") for name in saved)
+    assert saved[-1] in str(err.value)
+    assert not (cfg.out / "final").exists()
+
