@@ -86,6 +86,43 @@ def save_results(name: str, results: dict) -> Path:
     return path
 
 
+def status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (resident at the peak) of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def resident() -> int:
+    """Bytes in use now: CUDA allocated memory on a GPU, else the process's resident set."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return status_bytes("VmRSS")
+
+
+def reset_peak() -> bool:
+    """Restart the peak counter (CUDA's, or the kernel's VmHWM via clear_refs); False if it cannot."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak() -> int:
+    """Peak bytes since reset_peak()."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return status_bytes("VmHWM")
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -53,7 +53,7 @@ os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
 import torch
 
-from common import TEXT_DIR, llava_records, machine, machine_line, passages, save_results, write_jsonl
+from common import TEXT_DIR, llava_records, machine, machine_line, passages, peak, reset_peak, resident, save_results, write_jsonl
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
 p.add_argument("--teacher", default="smollm2-135m", help="preset or local HF directory")
@@ -67,26 +67,6 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32  # ExtractConfig(dtype="auto")
 MiB = 2**20
 PRELOAD = ["torch", "transformers", "modkd.extract.teacher", "modkd.extract.hf_backend", "modkd.extract.encode",
            "transformers.models.llama.modeling_llama"]  # the last one: smollm2's architecture; a miss only costs time
-
-
-def status_bytes(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (resident at the peak) of this process, from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak() -> bool:
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(conn, teacher_dir: str, data: Path, method: str, chunk: int) -> None:
@@ -120,15 +100,15 @@ def measure(conn, teacher_dir: str, data: Path, method: str, chunk: int) -> None
     run(short, pos[pos < n - 1])  # the method's own one-time allocations
     gc.collect()
     reset = reset_peak()
-    base = torch.cuda.memory_allocated() if CUDA else status_bytes("VmRSS")
+    base = resident()
     t = time.perf_counter()
     run(enc, pos)
     if CUDA:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() if CUDA else status_bytes("VmHWM")
+    top = peak()
     conn.send({"T": len(enc.input_ids), "V": backend.lm_head.weight.shape[0], "P": len(pos), "chunk": backend.chunk,
-               "base_bytes": base, "peak_delta_bytes": peak - base, "reset": reset, "seconds": seconds,
+               "base_bytes": base, "peak_delta_bytes": top - base, "reset": reset, "seconds": seconds,
                "ru_maxrss_bytes": None if CUDA else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
 
 

@@ -78,7 +78,8 @@ os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))  # see extract_mem
 
 import torch
 
-from common import TEXT_DIR, llava_records, machine, machine_line, passages, save_results, sync, write_jsonl
+from common import (TEXT_DIR, llava_records, machine, machine_line, passages, peak, reset_peak, resident,
+                    save_results, sync, write_jsonl)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
 p.add_argument("--teacher", default="smollm2-135m", help="preset or local HF directory whose TOKENIZER the random models use")
@@ -104,40 +105,6 @@ METHODS = {  # name: (stage, kd_weight, lm_weight, online teacher)
 }
 PRELOAD = ["torch", "transformers", "accelerate", "modkd.student.trainer", "transformers.models.llava.modeling_llava",
            "transformers.models.qwen2.modeling_qwen2", "transformers.models.clip.modeling_clip"]
-
-
-def status_bytes(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (resident at the peak) of this process, from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def resident() -> int:
-    if CUDA:
-        torch.cuda.synchronize()
-        return torch.cuda.memory_allocated()
-    return status_bytes("VmRSS")
-
-
-def reset_peak() -> bool:
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak() -> int:
-    if CUDA:
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return status_bytes("VmHWM")
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
     mod-pipeline demo --out runs/demo          # toy world + teacher (cached), SFT baseline, eval, extraction, inspect
     mod-pipeline demo --smoke                  # the same at CI size, under 2 minutes
     mod-pipeline toy                           # only build (or reuse) the toy world and the trained toy teacher
+    mod-pipeline kd-vs-sft --out runs/kd-vs-sft  # KD against SFT at equal steps from one cache (LLaVA-MoD Table 5)
 
 Still to come (later issues): the distilled student stages (init, d2d, d2s, pd) between extraction
 and the final table.
@@ -18,7 +19,8 @@ import typer
 
 from modkd.extract.run import ExtractConfig, run as extract
 from modkd.pipelines.cli_store import inspect as inspect_cache
-from modkd.pipelines.toyworld.build import ToyConfig, build_toy, student_sft
+from modkd.pipelines.toyworld.build import ToyConfig, build_toy, student_init, student_sft
+from modkd.pipelines.toyworld.compare import kd_vs_sft as run_kd_vs_sft
 from modkd.pipelines.toyworld.evaluate import evaluate
 from modkd.pipelines.toyworld.report import comparison_table, parameters
 
@@ -69,6 +71,25 @@ def demo(
     typer.echo("\n" + comparison_table(results))
     typer.echo(f"\nresults: {out / 'results.json'}\ncache:   {out / 'cache'} (mod-store inspect / verify)\n"
                f"teacher: {toy.teacher}\nSFT student: {sft}")
+
+
+@app.command(name="kd-vs-sft")
+def kd_vs_sft(
+    out: Path = typer.Option(Path("runs/kd-vs-sft"), help="cache, runs, results.json and report.md"),
+    steps: int = typer.Option(2000, min=2, help="optimizer steps per arm (batch 32, lr 5e-4)"),
+    seed: int = typer.Option(0),
+    smoke: bool = typer.Option(False, help="CI-sized world, a few steps: checks the plumbing only"),
+):
+    """Train the student four ways from one cache (SFT, SFT -> SFT-MoE, d2d -> d2s, d2d -> d2s with CE) and compare."""
+    toy = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
+    student = student_init(toy, log=_log)
+    cache = out / "cache"
+    if not (cache / "manifest.json").is_file():
+        _log(f"extracting the teacher's top-20 log-probs over every position into {cache}")
+        extract(ExtractConfig(teacher=str(toy.teacher), data=toy.world / "train.jsonl", out=cache,
+                              image_root=toy.world, shards=8, top_k=20, positions="all"))
+    results = run_kd_vs_sft(toy.teacher, student, cache, toy.world, out, steps, seed, 16 if smoke else None, log=_log)
+    typer.echo("\n" + comparison_table(results) + f"\n\nresults: {out / 'results.json'}, {out / 'report.md'}")
 
 
 def main():

@@ -10,23 +10,16 @@ flags given, then each --set key=value) into a TrainConfig, printed whole, and h
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import typer
 import yaml
 
+from modkd.pipelines.recipe import recipe
 from modkd.student.config import STAGES, TrainConfig
 from modkd.student.routing import ROUTINGS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-
-
-def recipe(stage: str) -> dict:
-    """The stage's defaults (LLaVA-MoD Table 10), from pipelines/recipes/STAGE.yaml."""
-    if stage not in STAGES:
-        raise typer.BadParameter(f"--stage must be one of {', '.join(STAGES)}")
-    return yaml.safe_load(resources.files("modkd.pipelines").joinpath(f"recipes/{stage}.yaml").read_text())
 
 
 def parse_set(items: list[str]) -> dict:
@@ -41,6 +34,8 @@ def parse_set(items: list[str]) -> dict:
 
 
 def build_config(stage: str, paths: dict, flags: dict, config_file: Path | None, sets: list[str]) -> TrainConfig:
+    if stage not in STAGES:
+        raise typer.BadParameter(f"--stage must be one of {', '.join(STAGES)}")
     values = recipe(stage)
     if config_file is not None:
         loaded = yaml.safe_load(config_file.read_text()) or {}

@@ -75,6 +75,7 @@ def build_student(cfg: TrainConfig, log=print):
 def train(cfg: TrainConfig, log=print) -> Path:
     """Trains cfg.stage; writes checkpoints and OUT/final (HF format); returns OUT/final."""
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several processes on a CPU-only machine: gloo (MULTI_CPU)
         mixed_precision=_precision(cfg.mixed_precision), log_with="tensorboard", project_dir=str(cfg.out),
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # unrouted experts get no grad
@@ -141,12 +142,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             checkpoint.save(accelerator, cfg.out, step, streams)
     bar.close()
-    accelerator.end_training()
     final = cfg.out / "final"
     if accelerator.is_main_process:
         _save_final(accelerator.unwrap_model(wrapped).llava, processor, final, cfg)
         log(f"[train] saved {final}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers and the process group: last
     if tap is not None:
         tap.remove()
     return final

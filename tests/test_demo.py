@@ -29,3 +29,18 @@ def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch):
     assert "| teacher |" in result.output and "| student (SFT) |" in result.output
     again = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out), "--shards", "3"])
     assert again.exit_code == 0 and "reusing" in again.output  # the toy teacher is trained once, then cached
+
+
+def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODKD_HOME", str(tmp_path / "home"))
+    out = tmp_path / "kd"
+    result = CliRunner().invoke(app, ["kd-vs-sft", "--smoke", "--steps", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"teacher", "sft", "sft -> sft-moe", "d2d -> d2s", "d2d -> d2s(sft)"}
+    sparse = results["d2d -> d2s"]
+    assert sparse["params_active"] < sparse["params_total"] == results["sft -> sft-moe"]["params_total"]
+    assert results["sft"]["params_active"] == results["sft"]["params_total"]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 6 and sum(r.endswith("-d2d") for r in runs) == 1  # the shared d2d stage is trained once
+    assert (out / "report.md").read_text().count("| d2d -> d2s") == 2

@@ -7,7 +7,6 @@ bit-exactly, and the trainer refuses what it cannot train on.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

@@ -33,12 +33,16 @@ def parameters(model_dir: Path) -> dict:
 
 
 def comparison_table(results: dict[str, dict]) -> str:
-    head = ["model", *[f"EM {t}" for t in TASKS], *[f"POPE F1 {s}" for s in POPE_SPLITS], "CHAIR_s", "CHAIR_i",
-            "params (active)"]
+    """One row per model. POPE accuracy sits beside F1 because F1 rewards saying "yes": a model that always
+    answers yes scores F1 0.667 at accuracy 0.5."""
+    head = ["model", *[f"EM {t}" for t in TASKS], *[f"POPE F1 {s}" for s in POPE_SPLITS], "POPE acc",
+            "CHAIR_s", "CHAIR_i", "params (active)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
+        pope = [r["pope"][s] for s in POPE_SPLITS if s in r["pope"]]
         cells = [name, *[f"{r['exact_match'].get(t, float('nan')):.3f}" for t in TASKS],
-                 *[f"{r['pope'][s]['f1']:.3f}" for s in POPE_SPLITS],
+                 *[f"{r['pope'][s]['f1']:.3f}" if s in r["pope"] else "n/a" for s in POPE_SPLITS],
+                 f"{sum(p['accuracy'] for p in pope) / len(pope):.3f}" if pope else "n/a",
                  f"{r['chair']['chair_s']:.3f}", f"{r['chair']['chair_i']:.3f}",
                  f"{r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M)"]
         lines.append("| " + " | ".join(cells) + " |")

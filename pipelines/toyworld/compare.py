@@ -1,0 +1,65 @@
+"""mod-pipeline kd-vs-sft --out runs/kd-vs-sft [--steps 2000]
+
+KD against SFT on the toy world, from ONE cache, same student init, data, batches and total steps:
+
+  sft              dense student, CE on response tokens, all steps (projector + LLM)
+  sft -> sft-moe   half the steps dense SFT, then upcycled to E4T2 with CE only (LLaVA-MoD Table 5's SFT row)
+  d2d -> d2s       half the steps d2d (KL), then upcycled to E4T2 with KL + CE + aux (LLaVA-MoD's mimic
+                   distillation; Table 5's KD row)
+  d2d -> d2s(sft)  the same d2d student, then E4T2 with CE only: the d2s stage's loss alone changed
+
+Each arm is trained by the real trainer (`modkd.student.trainer.train`) and evaluated with
+`toyworld.evaluate`; the results (JSON) and a markdown table are written to --out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from modkd.pipelines.recipe import stage_config
+from modkd.student.trainer import train
+
+from .evaluate import evaluate
+from .report import comparison_table, parameters
+
+# arm -> its stages in order: (stage, share of the total steps, TrainConfig overrides)
+ARMS = {
+    "sft": [("sft", 1.0, {})],
+    "sft -> sft-moe": [("sft", 0.5, {}), ("d2s", 0.5, {"kd_weight": 0.0})],
+    "d2d -> d2s": [("d2d", 0.5, {}), ("d2s", 0.5, {})],
+    "d2d -> d2s(sft)": [("d2d", 0.5, {}), ("d2s", 0.5, {"kd_weight": 0.0})],
+}
+TOY_TRAINING = dict(batch_size=32, grad_accum=1, lr=5e-4)  # the toy teacher's recipe: lr 2e-3 never learns to read the image
+
+
+def run_arm(name: str, student: Path, cache: Path, image_root: Path, out: Path, steps: int, seed: int,
+            done: dict[tuple, Path], log=print) -> Path:
+    """Trains the arm's stages in order; a stage prefix another arm already trained is reused."""
+    current, prefix = student, ()
+    for stage, share, overrides in ARMS[name]:
+        prefix = (*prefix, (stage, share, tuple(sorted(overrides.items()))))
+        if prefix not in done:
+            run_dir = out / "runs" / f"{len(done):02d}-{stage}"
+            cfg = stage_config(stage, cache=cache, student=str(current), out=run_dir, image_root=image_root,
+                               max_steps=max(1, round(share * steps)), seed=seed, save_every=steps,
+                               **{**TOY_TRAINING, **overrides})
+            log(f"[kd-vs-sft] {name}: {stage} for {cfg.max_steps} steps from {current}")
+            done[prefix] = train(cfg, log=log)
+        current = done[prefix]
+    return current
+
+
+def kd_vs_sft(teacher: Path, student: Path, cache: Path, world: Path, out: Path, steps: int, seed: int = 0,
+              limit: int | None = None, log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple, Path] = {}
+    models = {"teacher": teacher, **{name: run_arm(name, student, cache, world, out, steps, seed, done, log)
+                                     for name in ARMS}}
+    results = {}
+    for name, path in models.items():
+        log(f"[kd-vs-sft] evaluating {name} ({path})")
+        results[name] = {**evaluate(path, world, limit), **parameters(path), "model": str(path)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(comparison_table(results) + "\n")
+    return results
