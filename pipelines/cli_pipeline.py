@@ -5,8 +5,8 @@
     mod-pipeline toy                           # only build (or reuse) the toy world and the trained toy teacher
     mod-pipeline kd-vs-sft --out runs/kd-vs-sft  # KD against SFT at equal steps from one cache (LLaVA-MoD Table 5)
 
-Still to come (later issues): the distilled student stages (init, d2d, d2s, pd) between extraction
-and the final table.
+Still to come (issue 6): the distilled student stages (init, d2d, d2s, pd) inside the demo; until then
+`mod-pipeline kd-vs-sft` runs them against SFT from one cache.
 """
 
 from __future__ import annotations

@@ -97,6 +97,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if resume is not None:
         step, streams = checkpoint.load(accelerator, wrapped, resume)
         log(f"[train] resuming from {resume} (step {step})")
+        if accelerator.is_main_process:
+            _drop_metrics_after(cfg.out / "metrics.jsonl", step)
     data = BatchStream(cfg.cache, accelerator.process_index, accelerator.num_processes, cfg.batch_size, cfg.seed,
                        processor.tokenizer.pad_token_id, cfg.image_root, processor.image_processor, streams)
     loader_rng = torch.Generator().manual_seed(cfg.seed)  # the DataLoader draws a seed: not from the restored global RNG
@@ -132,13 +134,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             scalars = {"loss/kd": kd_loss, "loss/lm": lm_loss, "loss/aux": sums[2].item() / accelerator.num_processes,
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "tokens_per_s": sums[3].item() / (time.perf_counter() - started)}
-            if tap is not None:
-                for layer, load in enumerate(tap.expert_load(micro[-1].attention_mask)):
-                    scalars.update({f"expert_load/router{layer}/e{e}": v for e, v in enumerate(load.tolist())})
-            accelerator.log(scalars, step=step)
-            if accelerator.is_main_process:  # the same points as JSON lines, for plots and tests
-                with open(cfg.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+            _log_scalars(accelerator, cfg.out, step, scalars, tap, micro[-1].attention_mask)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             checkpoint.save(accelerator, cfg.out, step, streams)
     bar.close()
@@ -151,6 +147,24 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if tap is not None:
         tap.remove()
     return final
+
+
+def _log_scalars(accelerator: Accelerator, out: Path, step: int, scalars: dict, tap, attention_mask) -> None:
+    """TensorBoard, plus the same points as JSON lines in OUT/metrics.jsonl (for plots and tests)."""
+    if tap is not None:
+        for layer, load in enumerate(tap.expert_load(attention_mask)):
+            scalars.update({f"expert_load/router{layer}/e{e}": v for e, v in enumerate(load.tolist())})
+    accelerator.log(scalars, step=step)
+    if accelerator.is_main_process:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: forget the points the killed run logged for them."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm_head, micro: list[Batch], tap,

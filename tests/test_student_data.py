@@ -291,3 +291,28 @@ def test_batch_stream_splits_ranks(cache, world, image_processor, tokenizer):
         per_rank.append({s for b in take(iter(bs), n) for s in b.sample_ids})
     assert not per_rank[0] & per_rank[1]
     assert per_rank[0] | per_rank[1] == set(ids(cache.records()))
+
+
+def test_dataloader_workers_resume_without_losing_or_repeating_records(cache, world, image_processor, tokenizer):
+    """With 2 DataLoader workers each worker's stream continues exactly after a resume; only the order in
+    which the workers' batches interleave may restart (the README says so)."""
+
+    def loader(states=None):
+        stream = BatchStream(cache.path, 0, 1, batch_size=2, seed=3, pad_id=tokenizer.pad_token_id, image_root=world,
+                             image_processor=image_processor, states=states)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+
+    def per_worker(batches) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {0: [], 1: []}
+        for b in batches:
+            out[b.stream_state["worker"]] += b.sample_ids
+        return out
+
+    straight = per_worker(take(loader(), 14))  # 7 batches per worker: more than either gets below
+    first = take(loader(), 3)
+    states = {b.stream_state["worker"]: b.stream_state["state"] for b in first}
+    states = json.loads(json.dumps(states), object_hook=lambda d: {int(k) if k.isdigit() else k: v for k, v in d.items()})
+    resumed = per_worker(first + take(loader(states), 7))
+    for worker in (0, 1):
+        n = len(resumed[worker])
+        assert n > 0 and resumed[worker] == straight[worker][:n]

@@ -7,6 +7,7 @@ bit-exactly, and the trainer refuses what it cannot train on.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def test_resume_from_a_checkpoint_is_bit_exact(full_cache, student_dir, world, t
     logs = []
     train(resumed, log=logs.append)
     assert any("resuming" in line and "step-0000003" in line for line in logs)
+    steps = [json.loads(line)["step"] for line in (resumed.out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # the redone steps are logged once
     a, b = weights(straight.out), weights(resumed.out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
