@@ -47,15 +47,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen_logratios = policy_chosen.float() - ref_chosen.float()  # (B,) fp32
     rejected_logratios = policy_rejected.float() - ref_rejected.float()  # (B,) fp32
     losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))  # (B,) stable for any |logit|
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return {
-        "losses": losses,
-        "chosen_rewards": chosen_rewards,
-        "rejected_rewards": rejected_rewards,
-        "margins": chosen_rewards - rejected_rewards,
-        "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-    }
+    return {"losses": losses, **_pair_rewards(chosen_logratios, rejected_logratios, beta)}
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
@@ -121,10 +113,14 @@ def kto_pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
     rejected_kl = rejected_logratios.mean().clamp(min=0)
     losses = torch.cat((torch.sigmoid(-beta * (chosen_logratios - rejected_kl)),  # 1 - sigmoid(beta (c - R))
                         torch.sigmoid(-beta * (chosen_kl - rejected_logratios))), 0)  # 1 - sigmoid(beta (C - r))
+    return {"losses": losses, **_pair_rewards(chosen_logratios, rejected_logratios, beta)}
+
+
+def _pair_rewards(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float) -> dict:
+    """Detached implicit rewards of a pair (B,) each, their margins and the share with chosen > rejected."""
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return {
-        "losses": losses,
         "chosen_rewards": chosen_rewards,
         "rejected_rewards": rejected_rewards,
         "margins": chosen_rewards - rejected_rewards,
