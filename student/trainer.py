@@ -181,7 +181,8 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm
     for i, (b, kd_mask, lm_mask) in enumerate(zip(micro, kd_masks, lm_masks)):
         sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else nullcontext()  # all-reduce on the last only
         with sync:
-            kd, lm, aux = _micro_loss(cfg, wrapped, lm_head, b, kd_mask, lm_mask, tap, teacher)
+            with accelerator.autocast():  # the lm_head runs outside the model's forward: same precision as inside
+                kd, lm, aux = _micro_loss(cfg, wrapped, lm_head, b, kd_mask, lm_mask, tap, teacher)
             loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * accelerator.num_processes  # DDP averages
             loss = loss + cfg.aux_loss_coef * aux / len(micro)
             accelerator.backward(loss)

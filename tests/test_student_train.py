@@ -163,3 +163,4 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(full_cache, student_d
     assert saved[-1] in str(err.value)
     assert not (cfg.out / "final").exists()
 
+
