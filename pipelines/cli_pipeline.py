@@ -19,7 +19,7 @@ import typer
 
 from modkd.extract.run import ExtractConfig, run as extract
 from modkd.pipelines.cli_store import inspect as inspect_cache
-from modkd.pipelines.toyworld.build import ToyConfig, build_toy, student_init, student_sft
+from modkd.pipelines.toyworld.build import BIG, ToyConfig, build_toy, student_init, student_sft
 from modkd.pipelines.toyworld.compare import kd_vs_sft as run_kd_vs_sft
 from modkd.pipelines.toyworld.evaluate import evaluate
 from modkd.pipelines.toyworld.report import comparison_table, parameters
@@ -78,10 +78,13 @@ def kd_vs_sft(
     out: Path = typer.Option(Path("runs/kd-vs-sft"), help="cache, runs, results.json and report.md"),
     steps: int = typer.Option(2000, min=2, help="optimizer steps per arm (batch 32, lr 5e-4)"),
     seed: int = typer.Option(0),
+    teacher: str = typer.Option("small", help="small: the demo's toy teacher; big: 6 x 192, trained once (~30 min)"),
     smoke: bool = typer.Option(False, help="CI-sized world, a few steps: checks the plumbing only"),
 ):
     """Train the student four ways from one cache (SFT, SFT -> SFT-MoE, d2d -> d2s, d2d -> d2s with CE) and compare."""
-    toy = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
+    if teacher not in ("small", "big"):
+        raise typer.BadParameter("--teacher must be small or big")
+    toy = build_toy(SMOKE if smoke else BIG if teacher == "big" else ToyConfig(), log=_log)
     student = student_init(toy, log=_log)
     cache = out / "cache"
     if not (cache / "manifest.json").is_file():

@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText
 
 from modkd.extract.teacher import LOCAL_PRESETS, modkd_home
 
-from .models import STUDENT_LLM, TEACHER_LLM, build_model, train_tokenizer
+from .models import BIG_TEACHER_LLM, STUDENT_LLM, TEACHER_LLM, build_model, train_tokenizer
 from .train import train_sft
 from .world import build_world, corpus_texts
 
@@ -32,6 +32,10 @@ class ToyConfig:
     steps: int = 2000  # ~5 epochs of the training set; ~8 min on 2 CPU cores for the teacher
     batch_size: int = 32
     lr: float = 5e-4  # at 2e-3 the model never learns to read the image (loss stalls at the text prior)
+    teacher: str = "small"  # "big": the 6 x 192 teacher (BIG below); the small one keeps the demo within minutes
+
+
+BIG = ToyConfig(teacher="big", steps=3000)  # ~30 min on 2 cores; the SFT baseline of this config also takes 3000 steps
 
 
 @dataclass
@@ -56,14 +60,18 @@ def build_toy(cfg: ToyConfig, log=print) -> Toy:
     root = toy_root(cfg)
     world = root / "world"
     build_world(world, seed=cfg.seed, n_train_images=cfg.n_train_images, n_eval_images=cfg.n_eval_images, n_pref=cfg.n_pref)
-    teacher = trained(root / "teacher", "teacher", TEACHER_LLM, world, cfg, log)
+    if cfg.teacher not in ("small", "big"):
+        raise ValueError(f"ToyConfig.teacher must be 'small' or 'big', got {cfg.teacher!r}")
+    llm = TEACHER_LLM if cfg.teacher == "small" else BIG_TEACHER_LLM
+    teacher = trained(root / "teacher", "teacher", llm, world, cfg, log)
     return Toy(root, world, teacher, cfg)
 
 
 def trained(out: Path, name: str, llm: dict, world: Path, cfg: ToyConfig, log=print) -> Path:
     """A toy LLaVA model of size `llm` trained by plain SFT on the world's training set (cached at `out`)."""
     marker = out / "toy.json"
-    if marker.is_file() and json.loads(marker.read_text())["config"] == asdict(cfg):
+    # markers written before a ToyConfig field existed hold that field's default
+    if marker.is_file() and {**asdict(ToyConfig()), **json.loads(marker.read_text())["config"]} == asdict(cfg):
         log(f"[toy] {name}: reusing {out}")
         return out
     log(f"[toy] {name}: training {cfg.steps} steps on {world / 'train.jsonl'} (cached afterwards in {out})")
