@@ -16,6 +16,7 @@ import typer
 import yaml
 
 from modkd.pipelines.recipe import recipe
+from modkd.store import Cache, CacheError
 from modkd.student.config import STAGES, TrainConfig
 from modkd.student.routing import ROUTINGS
 
@@ -69,17 +70,21 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="key=value override of any TrainConfig key (repeatable)"),
 ):
     """Train one stage (init | sft | d2d | d2s) from the cache; writes OUT/final in HF format."""
-    from modkd.student.trainer import train as run_training
+    from modkd.student.trainer import TrainingDiverged, train as run_training
 
     flags = dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed,
                  save_every=save_every, experts=experts, top_k_experts=top_k_experts, routing=routing,
                  online_teacher=online_teacher)
-    if image_root is None:
-        image_root = json.loads((cache / "manifest.json").read_text()).get("image_root") if (cache / "manifest.json").is_file() else None
-    paths = dict(cache=cache, student=student, out=out, image_root=image_root)
-    cfg = build_config(stage, paths, flags, config, set_)
-    typer.echo(f"mod-student config: {json.dumps(cfg.to_json())}")
-    final = run_training(cfg)
+    try:
+        if image_root is None:  # the root recorded at extraction (Cache.open also checks the cache is complete)
+            image_root = Cache.open(cache).manifest.get("image_root")
+        paths = dict(cache=cache, student=student, out=out, image_root=image_root)
+        cfg = build_config(stage, paths, flags, config, set_)
+        typer.echo(f"mod-student config: {json.dumps(cfg.to_json())}")
+        final = run_training(cfg)
+    except (CacheError, ValueError, TrainingDiverged) as err:  # bad input or a diverged run: the message says it all
+        typer.echo(f"mod-student train: {err}", err=True)
+        raise typer.Exit(2 if not isinstance(err, TrainingDiverged) else 1) from None
     typer.echo(f"done: {final} (TensorBoard: tensorboard --logdir {out})")
 
 

@@ -96,3 +96,12 @@ def test_eval_prints_a_table_and_writes_json(student, world, tmp_path):
     results = json.loads(out.read_text())
     assert {"exact_match", "pope", "chair"} <= results.keys()
     assert "POPE" in res.stdout or "pope" in res.stdout.lower()
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(student, tmp_path):
+    not_a_cache = tmp_path / "empty"
+    not_a_cache.mkdir()
+    res = subprocess.run([MOD_STUDENT, *train_args(not_a_cache, student, tmp_path / "r")],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("mod-student train: ") and "Traceback" not in res.stderr
+    assert "manifest.json" in res.stderr
