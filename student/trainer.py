@@ -192,7 +192,7 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm
 
 def _micro_loss(cfg, wrapped, lm_head, b: Batch, kd_mask, lm_mask, tap, teacher):
     """Summed KL over kd_mask, summed CE over lm_mask, and the aux loss, for one micro-batch."""
-    used = (kd_mask if cfg.kd_weight else torch.zeros_like(kd_mask)) | (lm_mask if cfg.lm_weight else torch.zeros_like(lm_mask))
+    used = (kd_mask & bool(cfg.kd_weight)) | (lm_mask & bool(cfg.lm_weight))  # (N,) positions any weighted loss reads
     if tap is not None:
         tap.reset()
     hidden = wrapped(b)[used]  # (n, H)

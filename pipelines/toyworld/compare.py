@@ -20,6 +20,7 @@ from pathlib import Path
 from modkd.pipelines.recipe import stage_config
 from modkd.student.trainer import train
 
+from .build import ToyConfig
 from .evaluate import evaluate
 from .report import comparison_table, parameters
 
@@ -30,7 +31,8 @@ ARMS = {
     "d2d -> d2s": [("d2d", 0.5, {}), ("d2s", 0.5, {})],
     "d2d -> d2s(sft)": [("d2d", 0.5, {}), ("d2s", 0.5, {"kd_weight": 0.0})],
 }
-TOY_TRAINING = dict(batch_size=32, grad_accum=1, lr=5e-4)  # the toy teacher's recipe: lr 2e-3 never learns to read the image
+# the toy teacher's own batch and lr (ToyConfig explains why 5e-4), one micro-batch per step
+TOY_TRAINING = dict(batch_size=ToyConfig.batch_size, grad_accum=1, lr=ToyConfig.lr)
 
 
 def run_arm(name: str, student: Path, cache: Path, image_root: Path, out: Path, steps: int, seed: int,
