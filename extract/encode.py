@@ -87,7 +87,15 @@ class Encoder:
         turns = rec.get("conversations")
         if not isinstance(turns, list) or not turns:
             raise Rejected("missing_field", "no 'conversations' list (a preference record needs the preference extractor)")
-        has_image = rec.get("image") is not None
+        messages, placeholders = self._turns(turns)
+        if placeholders != int(rec.get("image") is not None):
+            raise Rejected("image_placeholders", f"found {placeholders} <image> placeholders, expected {int(rec.get('image') is not None)}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise Rejected("empty_response", "no gpt turn to distil")
+        return messages
+
+    def _turns(self, turns: list) -> tuple[list[dict], int]:
+        """Chat messages of LLaVA turns, and how many <image> placeholders they hold."""
         messages, placeholders = [], 0
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
@@ -103,11 +111,7 @@ class Encoder:
                 raise Rejected("empty_response", f"turn {i} (gpt) is empty")
             placeholders += n
             messages.append({"role": role, "content": self._content(value)})
-        if placeholders != int(has_image):
-            raise Rejected("image_placeholders", f"found {placeholders} <image> placeholders, expected {int(has_image)}")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise Rejected("empty_response", "no gpt turn to distil")
-        return messages
+        return messages, placeholders
 
     def _content(self, value: str):
         """Multimodal chat templates take a list of typed parts; text-only ones take a string."""

@@ -46,12 +46,39 @@ class HFBackend:
     @torch.no_grad()
     def run(self, batch: list[Encoded], positions: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per record: top-k ids (P, k) int32, top-k log-probs (P, k) fp32, target log-probs (P,) fp32."""
+        hidden, targets, bounds = self._hidden(batch, positions)
+        ids, lps, tgt = topk_logprobs(hidden, self.lm_head, targets, self.top_k, self.chunk)
+        ids, lps, tgt = (np.split(t.cpu().numpy(), bounds) for t in (ids, lps, tgt))
+        return list(zip(ids, lps, tgt))
+
+    @torch.no_grad()
+    def target_logprobs(self, batch: list[Encoded], positions: list[np.ndarray]) -> list[np.ndarray]:
+        """Per record: the log-prob (P,) fp32 of the token each position predicts, over the full vocabulary."""
+        hidden, targets, bounds = self._hidden(batch, positions)
+        tgt = topk_logprobs(hidden, self.lm_head, targets, 1, self.chunk)[2]  # (N,) fp32
+        return np.split(tgt.cpu().numpy(), bounds)
+
+    def _hidden(self, batch: list[Encoded], positions: list[np.ndarray]):
+        """Hidden states (N, H) at the positions of every record, the tokens they predict (N,), split points."""
         inputs = self.inputs(batch)
         hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H); no KV cache: one pass
         B, T, H = hidden.shape
         flat = torch.cat([torch.as_tensor(p, dtype=torch.long) + b * T for b, p in enumerate(positions)]).to(self.device)  # (N,)
         targets = inputs["input_ids"].reshape(-1)[flat + 1]  # (N,) the token each position predicts
-        ids, lps, tgt = topk_logprobs(hidden.reshape(B * T, H)[flat], self.lm_head, targets, self.top_k, self.chunk)
-        bounds = np.cumsum([len(p) for p in positions])[:-1]
-        ids, lps, tgt = (np.split(t.cpu().numpy(), bounds) for t in (ids, lps, tgt))
-        return list(zip(ids, lps, tgt))
+        return hidden.reshape(B * T, H)[flat], targets, np.cumsum([len(p) for p in positions])[:-1]
+
+
+def batches(encoded: list[Encoded], batch_size: int):
+    """Index lists of at most batch_size records with equal image tensor shapes, longest first: little padding."""
+    order = sorted(range(len(encoded)), key=lambda i: (shape_key(encoded[i]), -len(encoded[i].input_ids)))
+    batch: list[int] = []
+    for n, i in enumerate(order):
+        batch.append(i)
+        last = n + 1 == len(order)
+        if len(batch) == batch_size or last or shape_key(encoded[order[n + 1]]) != shape_key(encoded[i]):
+            yield batch
+            batch = []
+
+
+def shape_key(e: Encoded) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in sorted(e.model_inputs.items()))

@@ -6,6 +6,10 @@ Shaped like a datatrove step: `run(cfg)` processes shards s with s % num_workers
 any launcher (torchrun, SLURM arrays, Ray) runs disjoint shard sets. Each shard is written under a
 temporary name and renamed when complete, then its completion marker is written; a rerun skips
 shards that have a marker and redoes the rest. Whoever completes the last shard writes manifest.json.
+
+A data file of preference pairs (records with "chosen" and "rejected", see extract/preference.py) is
+recognised as such and written as the cache's preference part (cache/preference/, its own manifest),
+so one --out directory can hold a distillation extraction and a preference extraction side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modkd.store import (
+    PREFERENCE_SCHEMA,
+    PREFERENCE_SUBDIR,
+    SHARDS_SUBDIR,
+    DISTILL_SCHEMA,
     DistillRecord,
     ShardWriter,
     finalize_manifest,
@@ -32,7 +40,8 @@ from modkd.store import (
 )
 
 from .encode import Encoded, Encoder, Rejected, select_positions
-from .hf_backend import HFBackend
+from .hf_backend import HFBackend, batches
+from .preference import PreferenceEncoder, is_preference_data, mismatched_partners, score_pairs
 from .records import RawRecord, iter_shard, read_records
 from .teacher import Teacher, load_teacher
 
@@ -68,74 +77,82 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None) -> dict:
         dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
         teacher = load_teacher(cfg.teacher, dtype, device, cfg.trust_remote_code)
-    header = _header(cfg, teacher)
-    _claim_out_dir(cfg.out, header)
-    encoder = Encoder(teacher.tokenizer, teacher.processor, cfg.image_root, cfg.max_length)
+    preference = is_preference_data(records)
+    subdir = PREFERENCE_SUBDIR if preference else SHARDS_SUBDIR
+    header = _header(cfg, teacher, preference)
+    _claim_out_dir(cfg.out / ("" if subdir == SHARDS_SUBDIR else subdir), header)
     backend = HFBackend(teacher, cfg.top_k)
 
     mine = [s for s in range(cfg.shards) if s % cfg.num_workers == cfg.worker_index]
-    todo = [s for s in mine if not shard_paths(cfg.out, s, cfg.shards)[2].exists()]
+    todo = [s for s in mine if not shard_paths(cfg.out, s, cfg.shards, subdir)[2].exists()]
     shard_records = {s: list(iter_shard(records, s, cfg.shards)) for s in todo}
     total = sum(len(raws) for raws in shard_records.values())
-    with tqdm(total=total, unit="rec", desc=f"extract worker {cfg.worker_index}/{cfg.num_workers}") as bar:
+    kind = "preference pairs" if preference else "records"
+    encoder = (PreferenceEncoder if preference else Encoder)(teacher.tokenizer, teacher.processor, cfg.image_root,
+                                                             cfg.max_length)
+    with tqdm(total=total, unit="rec", desc=f"extract {kind}, worker {cfg.worker_index}/{cfg.num_workers}") as bar:
         for s, raws in shard_records.items():
-            _extract_shard(cfg, s, raws, encoder, backend, bar)
-    manifest = finalize_manifest(cfg.out, cfg.shards, header)
+            if preference:
+                partners = mismatched_partners(raws)  # KTO's pairing: fixed by the shard's records alone
+                _extract_shard(cfg, s, raws, lambda raw: encoder.encode_pair(raw, partners[raw.index]),
+                               lambda encoded: score_pairs(encoded, backend, cfg.batch_size), bar, subdir)
+            else:
+                _extract_shard(cfg, s, raws, encoder.encode, lambda encoded: _distil(encoded, backend, cfg), bar,
+                               subdir)
+    manifest = finalize_manifest(cfg.out, cfg.shards, header, subdir)
     return {"shards_mine": len(mine), "shards_skipped": len(mine) - len(todo), "shards_done_now": len(todo),
-            "manifest": manifest}
+            "preference": preference, "manifest": manifest}
 
 
-def _extract_shard(cfg, shard: int, raws: list[RawRecord], encoder: Encoder, backend: HFBackend, bar) -> None:
-    parquet, rejects_path, _ = shard_paths(cfg.out, shard, cfg.shards)
+def _extract_shard(cfg, shard: int, raws: list[RawRecord], encode, process, bar, subdir: str) -> None:
+    """encode(raw) -> an encoded record or Rejected; process(encoded list) -> cache records, in order."""
+    parquet, rejects_path, _ = shard_paths(cfg.out, shard, cfg.shards, subdir)
     parquet.parent.mkdir(parents=True, exist_ok=True)
     for stale in parquet.parent.glob(f".{parquet.stem}*"):  # temporaries of a killed run
         stale.unlink()
     rejects: list[dict] = []
     window = cfg.batch_size * WINDOW_BATCHES
-    with ShardWriter(parquet, row_group_size=cfg.row_group_size) as writer:
+    schema = PREFERENCE_SCHEMA if subdir == PREFERENCE_SUBDIR else DISTILL_SCHEMA
+    with ShardWriter(parquet, schema=schema, row_group_size=cfg.row_group_size) as writer:
         for start in range(0, len(raws), window):
             chunk = raws[start : start + window]
-            encoded: list[Encoded] = []
+            encoded = []
             for raw in chunk:
                 try:
-                    encoded.append(encoder.encode(raw))
+                    encoded.append(encode(raw))
                 except Rejected as r:
                     rejects.append({"index": raw.index, "sample_id": raw.sample_id, "line": raw.line,
                                     "kind": r.kind, "reason": r.reason})
-            for rec in _distil(encoded, backend, cfg):
+            for rec in process(encoded):
                 writer.write(rec)
             bar.update(len(chunk))
     write_text_atomic(rejects_path, "".join(json.dumps(r) + "\n" for r in rejects))
-    write_done_marker(cfg.out, shard, cfg.shards, len(raws), dict(Counter(r["kind"] for r in rejects)), writer.stats)
+    write_done_marker(cfg.out, shard, cfg.shards, len(raws), dict(Counter(r["kind"] for r in rejects)), writer.stats,
+                      subdir)
 
 
 def _distil(encoded: list[Encoded], backend: HFBackend, cfg) -> list[DistillRecord]:
     """Teacher outputs for a window of records, batched by image shape and length, returned in input order."""
     selected = [select_positions(e.token_kinds, cfg.positions) for e in encoded]
-    order = sorted(range(len(encoded)), key=lambda i: (_shape_key(encoded[i]), -len(encoded[i].input_ids)))
     out: list[DistillRecord | None] = [None] * len(encoded)
-    batch: list[int] = []
-    for n, i in enumerate(order):
-        batch.append(i)
-        last = n + 1 == len(order)
-        if len(batch) == cfg.batch_size or last or _shape_key(encoded[order[n + 1]]) != _shape_key(encoded[i]):
-            results = backend.run([encoded[j] for j in batch], [selected[j][0] for j in batch])
-            for j, (ids, lps, tgt) in zip(batch, results):
-                e = encoded[j]
-                out[j] = DistillRecord(
-                    sample_id=e.sample_id, input_ids=np.asarray(e.input_ids, dtype=np.int32),
-                    positions=selected[j][0], position_kinds=selected[j][1], topk_ids=ids, topk_logprobs=lps,
-                    target_logprobs=tgt, image=e.image, num_image_tokens=e.num_image_tokens)
-            batch = []
+    for batch in batches(encoded, cfg.batch_size):
+        results = backend.run([encoded[j] for j in batch], [selected[j][0] for j in batch])
+        for j, (ids, lps, tgt) in zip(batch, results):
+            e = encoded[j]
+            out[j] = DistillRecord(
+                sample_id=e.sample_id, input_ids=np.asarray(e.input_ids, dtype=np.int32),
+                positions=selected[j][0], position_kinds=selected[j][1], topk_ids=ids, topk_logprobs=lps,
+                target_logprobs=tgt, image=e.image, num_image_tokens=e.num_image_tokens)
     return out
 
 
-def _shape_key(e: Encoded) -> tuple:
-    return tuple((k, tuple(v.shape)) for k, v in sorted(e.model_inputs.items()))
-
-
-def _header(cfg: ExtractConfig, teacher: Teacher) -> dict:
+def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool) -> dict:
     fp = teacher.fingerprint
+    settings = {"top_k": cfg.top_k, "encoding": "topk", "positions": cfg.positions, "max_length": cfg.max_length,
+                "shards": cfg.shards, "backend": "hf"}
+    if preference:  # top-k and positions do not apply: every response token's log-prob is stored
+        settings = {"kind": "preference", "max_length": cfg.max_length, "shards": cfg.shards, "backend": "hf",
+                    "mismatched_pairing": "nearest earlier record in the shard (cyclic) with a different chosen"}
     return {
         "teacher": {k: fp[k] for k in ("name", "source", "config_sha256", "weights_sha256", "vocab_size", "dtype")},
         "tokenizer_sha256": fp["tokenizer_sha256"],
@@ -143,8 +160,7 @@ def _header(cfg: ExtractConfig, teacher: Teacher) -> dict:
         "image_tokens_per_image": _image_tokens(teacher),
         "data": {"name": cfg.data.name, "sha256": sha256_file(cfg.data)},
         "image_root": None if cfg.image_root is None else str(Path(cfg.image_root).resolve()),  # the trainer's default
-        "settings": {"top_k": cfg.top_k, "encoding": "topk", "positions": cfg.positions,
-                     "max_length": cfg.max_length, "shards": cfg.shards, "backend": "hf"},
+        "settings": settings,
     }
 
 

@@ -1,6 +1,7 @@
 """`mod-extract`: run a teacher once over a data file and write its top-k log-probs as a sharded cache.
 
     mod-extract --teacher toy-teacher --data world/train.jsonl --image-root world/ --out cache/ --shards 8
+    mod-extract --teacher toy-teacher --data world/pref.jsonl --image-root world/ --out cache/   # preference pairs
 
 Thin: parses options into an ExtractConfig, prints it whole, calls `modkd.extract.run.run`.
 """
@@ -23,12 +24,14 @@ app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 @app.command()
 def extract(
     teacher: str = typer.Option(..., help=f"preset ({', '.join(PRESETS)}), local HF directory or hub id"),
-    data: Path = typer.Option(..., exists=True, dir_okay=False, help="LLaVA-format JSON or JSONL"),
+    data: Path = typer.Option(..., exists=True, dir_okay=False,
+                              help="LLaVA-format JSON or JSONL; records with chosen/rejected are preference pairs"),
     out: Path = typer.Option(..., help="cache directory (created; a rerun resumes it)"),
     image_root: Path = typer.Option(None, exists=True, file_okay=False, help="directory image paths are relative to"),
     shards: int = typer.Option(1, min=1, help="number of output shards (a deterministic split of the data file)"),
-    top_k: int = typer.Option(20, min=1, help="teacher log-probs kept per position"),
-    positions: str = typer.Option("response", help=f"which positions to store: {' | '.join(POSITION_MODES)}"),
+    top_k: int = typer.Option(20, min=1, help="teacher log-probs kept per position (not used for preference pairs)"),
+    positions: str = typer.Option("response", help=f"which positions to store: {' | '.join(POSITION_MODES)} "
+                                                   "(preference pairs: every response token)"),
     batch_size: int = typer.Option(8, min=1),
     max_length: int = typer.Option(4096, min=2, help="records longer than this (after image expansion) are rejected"),
     num_workers: int = typer.Option(int(os.environ.get("WORLD_SIZE", 1)), min=1, help="default: $WORLD_SIZE"),
@@ -52,10 +55,13 @@ def extract(
         typer.echo("other workers' shards are not complete yet; the last worker to finish writes manifest.json")
         return
     t = manifest["totals"]
-    typer.echo(f"cache complete: {out}/manifest.json  records in {t['records_in']} = written {t['records_written']}"
-               f" + rejected {t['records_rejected']}; {t['positions']} positions, {t['bytes']} bytes")
+    part = "preference" if summary["preference"] else "shards"
+    where, what = (f"{out}/preference/manifest.json", "preference pairs") if summary["preference"] else \
+        (f"{out}/manifest.json", f"records; {t['positions']} positions")
+    typer.echo(f"cache complete: {where}  records in {t['records_in']} = written {t['records_written']}"
+               f" + rejected {t['records_rejected']} {what}, {t['bytes']} bytes")
     if manifest["rejects"]:
-        typer.echo(f"rejected by reason: {json.dumps(manifest['rejects'])} (details: {out}/shards/*.rejects.jsonl,"
+        typer.echo(f"rejected by reason: {json.dumps(manifest['rejects'])} (details: {out}/{part}/*.rejects.jsonl,"
                    f" or `mod-store inspect {out}`)")
 
 

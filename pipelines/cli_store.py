@@ -23,11 +23,15 @@ def verify(path: Path = typer.Argument(..., help="cache directory (holds manifes
         for problem in problems:
             typer.echo(problem)
         raise typer.Exit(1)
-    totals = Cache.open(path).manifest["totals"]
-    typer.echo(
-        f"OK: {path}: {totals['records_written']} records, {totals['positions']} positions, "
-        f"{totals['bytes']} bytes; {totals['records_rejected']} of {totals['records_in']} input records rejected"
-    )
+    cache = Cache.open(path)
+    if cache.manifest is not None:
+        totals = cache.manifest["totals"]
+        typer.echo(
+            f"OK: {path}: {totals['records_written']} records, {totals['positions']} positions, "
+            f"{totals['bytes']} bytes; {totals['records_rejected']} of {totals['records_in']} input records rejected"
+        )
+    if cache.preference_manifest is not None:
+        typer.echo(f"OK: {path}/preference: {_preference_line(cache.preference_manifest)}")
 
 
 @app.command()
@@ -42,10 +46,20 @@ def inspect(
     except CacheError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
-    rejects = cache.manifest["rejects"]
+    preference = cache.preference_manifest
     if as_json:
-        typer.echo(json.dumps({"shards": rows[:-1], "total": rows[-1], "rejects": rejects}, indent=2))
+        typer.echo(json.dumps({"shards": rows[:-1], "total": rows[-1] if rows else None,
+                               "rejects": cache.manifest["rejects"] if cache.manifest else {},
+                               "preference": None if preference is None else
+                               {"totals": preference["totals"], "rejects": preference["rejects"]}}, indent=2))
         return
+    if cache.manifest is not None:
+        _print_table(rows, cache.manifest["rejects"])
+    if preference is not None:
+        typer.echo(f"preference pairs: {_preference_line(preference)}")
+
+
+def _print_table(rows: list[dict], rejects: dict) -> None:
     typer.echo(f"{'shard':<22} {'records':>9} {'positions':>11} {'bytes':>13} {'B/pos':>8} {'topk mass':>10} {'topk H>=':>9}")
     for row in rows:
         typer.echo(
@@ -57,6 +71,13 @@ def inspect(
     typer.echo(f"positions by kind: {kinds}")
     reasons = ", ".join(f"{reason} {count}" for reason, count in rejects.items()) or "none"
     typer.echo(f"rejected input records: {sum(rejects.values())} ({reasons})")
+
+
+def _preference_line(manifest: dict) -> str:
+    t = manifest["totals"]
+    reasons = ", ".join(f"{reason} {count}" for reason, count in manifest["rejects"].items()) or "none"
+    return (f"{t['records_written']} pairs in {manifest['num_shards']} shards, {t['bytes']} bytes; "
+            f"{t['records_rejected']} of {t['records_in']} input records rejected ({reasons})")
 
 
 def _number(value: float | None, digits: int) -> str:

@@ -1,6 +1,7 @@
 """`mod-student`: train the student from the cache alone, and evaluate it on the toy world.
 
     mod-student train --stage d2s --cache cache/ --student runs/d2d/final --out runs/d2s
+    mod-student train --stage pd --cache cache/ --student runs/d2s/final --out runs/pd [--pref-loss dpo]
     mod-student eval runs/d2s/final --world ~/.cache/modkd/toy/world
 
 Thin: options are layered (the stage's recipe in pipelines/recipes/, then --config FILE, then the
@@ -17,7 +18,7 @@ import yaml
 
 from modkd.pipelines.recipe import recipe
 from modkd.store import Cache, CacheError
-from modkd.student.config import STAGES, TrainConfig
+from modkd.student.config import PREFERENCE_LOSSES, STAGES, TrainConfig
 from modkd.student.routing import ROUTINGS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -66,18 +67,22 @@ def train(
     top_k_experts: int = typer.Option(None, min=1, help="d2s: experts per token (default 2)"),
     routing: str = typer.Option(None, help=f"d2s: {' | '.join(ROUTINGS)} (default topk)"),
     online_teacher: str = typer.Option(None, help="comparison mode: load this teacher and distil its full distribution"),
+    pref_loss: str = typer.Option(None, help=f"pd: {' | '.join(PREFERENCE_LOSSES)} (default kto)"),
+    pref_beta: float = typer.Option(None, help="pd: KTO / DPO beta (default 0.1)"),
     config: Path = typer.Option(None, exists=True, dir_okay=False, help="YAML file of TrainConfig keys"),
     set_: list[str] = typer.Option([], "--set", help="key=value override of any TrainConfig key (repeatable)"),
 ):
-    """Train one stage (init | sft | d2d | d2s) from the cache; writes OUT/final in HF format."""
+    """Train one stage (init | sft | d2d | d2s | pd) from the cache; writes OUT/final in HF format."""
     from modkd.student.trainer import TrainingDiverged, train as run_training
 
     flags = dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed,
                  save_every=save_every, experts=experts, top_k_experts=top_k_experts, routing=routing,
-                 online_teacher=online_teacher)
+                 online_teacher=online_teacher, pref_loss=pref_loss, pref_beta=pref_beta)
     try:
         if image_root is None:  # the root recorded at extraction (Cache.open also checks the cache is complete)
-            image_root = Cache.open(cache).manifest.get("image_root")
+            opened = Cache.open(cache)
+            manifest = opened.preference_manifest if stage == "pd" else opened.manifest
+            image_root = (manifest or {}).get("image_root")
         paths = dict(cache=cache, student=student, out=out, image_root=image_root)
         cfg = build_config(stage, paths, flags, config, set_)
         typer.echo(f"mod-student config: {json.dumps(cfg.to_json())}")

@@ -5,11 +5,11 @@ Imports nothing else of modkd: the cache is the only thing that crosses from ext
 
 from .done import write_done_marker
 from .errors import CacheError
-from .layout import shard_paths
+from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, shard_paths
 from .manifest import finalize_manifest, shard_progress
 from .reader import Cache
-from .records import DistillRecord, ImageRef
-from .schema import DISTILL_SCHEMA, POSITION_KINDS, POSITION_MODES, SCHEMA_VERSION
+from .records import DistillRecord, ImageRef, PreferenceRecord
+from .schema import DISTILL_SCHEMA, POSITION_KINDS, POSITION_MODES, PREFERENCE_SCHEMA, SCHEMA_VERSION
 from .verify import verify_cache
 from .writer import ShardWriter, sha256_file, write_json_atomic, write_text_atomic
 
@@ -21,7 +21,11 @@ __all__ = [
     "ImageRef",
     "POSITION_KINDS",
     "POSITION_MODES",
+    "PREFERENCE_SCHEMA",
+    "PREFERENCE_SUBDIR",
+    "PreferenceRecord",
     "SCHEMA_VERSION",
+    "SHARDS_SUBDIR",
     "ShardWriter",
     "finalize_manifest",
     "sha256_file",

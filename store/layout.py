@@ -4,8 +4,11 @@
     cache/shards/part-00003-of-00256.parquet        distillation records of shard 3
     cache/shards/part-00003-of-00256.rejects.jsonl  one JSON line per rejected input record
     cache/shards/part-00003-of-00256.done.json      completion marker, written last
+    cache/preference/manifest.json                  the preference records' own manifest
+    cache/preference/part-00000-of-00004.parquet    preference records, with the same rejects and done files
 
-Preference records will live in cache/preference/ under the same names (subdir="preference").
+Distillation and preference records come from two `mod-extract` runs (two data files) into one cache
+directory; each part has its own manifest, shard count and fingerprints, and either may be absent.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import re
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
-SHARDS_SUBDIR = "shards"  # distillation records; preference records use "preference"
+SHARDS_SUBDIR = "shards"  # distillation records
+PREFERENCE_SUBDIR = "preference"  # preference records
 DONE_SUFFIX = ".done.json"
 _DONE_NAME = re.compile(r"part-(\d+)-of-(\d+)\.done\.json")
 
@@ -35,8 +39,9 @@ def shard_paths(
     return folder / f"{stem}.parquet", folder / f"{stem}.rejects.jsonl", folder / f"{stem}{DONE_SUFFIX}"
 
 
-def manifest_path(cache_dir: Path | str) -> Path:
-    return Path(cache_dir) / MANIFEST_NAME
+def manifest_path(cache_dir: Path | str, subdir: str = SHARDS_SUBDIR) -> Path:
+    """cache/manifest.json for distillation records (the cache's main manifest), cache/SUBDIR/manifest.json otherwise."""
+    return Path(cache_dir) / MANIFEST_NAME if subdir == SHARDS_SUBDIR else Path(cache_dir) / subdir / MANIFEST_NAME
 
 
 def done_markers_on_disk(cache_dir: Path | str, subdir: str = SHARDS_SUBDIR) -> list[tuple[int, int]]:

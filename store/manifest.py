@@ -1,5 +1,7 @@
 """`finalize_manifest("cache/", 256, header)`: assemble, write and load cache/manifest.json.
 
+(With subdir="preference", the preference part's cache/preference/manifest.json: same keys.)
+
 The manifest is the extractor's header (teacher fingerprints, tokenizer and image-processor hashes,
 image tokens per image, data hash, settings) plus what the store adds: schema_version, num_shards,
 the shard list, totals and reject counts. It is built only from completed shards (done markers) and
@@ -28,22 +30,22 @@ def shard_progress(cache_dir: Path | str, num_shards: int, subdir: str = SHARDS_
     return num_shards - len(missing), missing
 
 
-def finalize_manifest(cache_dir: Path | str, num_shards: int, header: dict) -> dict | None:
-    """Write manifest.json once every shard has its done marker and return it; None while shards are missing."""
+def finalize_manifest(cache_dir: Path | str, num_shards: int, header: dict, subdir: str = SHARDS_SUBDIR) -> dict | None:
+    """Write the part's manifest once every shard has its done marker and return it; None while shards are missing."""
     clash = sorted(set(header) & set(STORE_KEYS))
     if clash:
         raise ValueError(f"manifest header must not set the store's own keys {clash}")
-    if shard_progress(cache_dir, num_shards)[1]:
+    if shard_progress(cache_dir, num_shards, subdir)[1]:
         return None
     shards = []
     rejects: Counter[str] = Counter()
     for index in range(num_shards):
-        marker = read_done_marker(cache_dir, index, num_shards)
-        parquet = shard_paths(cache_dir, index, num_shards)[0]
+        marker = read_done_marker(cache_dir, index, num_shards, subdir)
+        parquet = shard_paths(cache_dir, index, num_shards, subdir)[0]
         if not parquet.is_file() or parquet.stat().st_size != marker["bytes"]:
             raise CacheError(
-                f"{SHARDS_SUBDIR}/{parquet.name} is missing or differs in size from its done marker; "
-                f"delete {SHARDS_SUBDIR}/{shard_stem(index, num_shards)}.done.json and rerun mod-extract to redo it"
+                f"{subdir}/{parquet.name} is missing or differs in size from its done marker; "
+                f"delete {subdir}/{shard_stem(index, num_shards)}.done.json and rerun mod-extract to redo it"
             )
         shards.append(
             {
@@ -73,12 +75,12 @@ def finalize_manifest(cache_dir: Path | str, num_shards: int, header: dict) -> d
             "rejects": dict(sorted(rejects.items())),
         }
     )
-    write_json_atomic(manifest_path(cache_dir), manifest)
+    write_json_atomic(manifest_path(cache_dir, subdir), manifest)
     return manifest
 
 
-def _incomplete_message(cache_dir: Path) -> str:
-    markers = done_markers_on_disk(cache_dir)
+def _incomplete_message(cache_dir: Path, subdir: str = SHARDS_SUBDIR) -> str:
+    markers = done_markers_on_disk(cache_dir, subdir)
     if not markers:
         return (
             f"{cache_dir} has no {MANIFEST_NAME} and no completed shards: not a modkd cache, "
@@ -88,7 +90,7 @@ def _incomplete_message(cache_dir: Path) -> str:
     if len(counts) > 1:
         return f"{cache_dir} has no {MANIFEST_NAME} and done markers for different shard counts {counts}; clear it and re-extract"
     num_shards = counts[0]
-    done, missing = shard_progress(cache_dir, num_shards)
+    done, missing = shard_progress(cache_dir, num_shards, subdir)
     names = ", ".join(shard_stem(i, num_shards) for i in missing[:_SHOWN_MISSING])
     more = f" and {len(missing) - _SHOWN_MISSING} more" if len(missing) > _SHOWN_MISSING else ""
     return (
@@ -97,12 +99,17 @@ def _incomplete_message(cache_dir: Path) -> str:
     )
 
 
-def load_manifest(cache_dir: Path | str) -> dict:
-    """Read and check manifest.json (keys, schema version, shard names); CacheError says what is wrong."""
+def has_part(cache_dir: Path | str, subdir: str) -> bool:
+    """Whether the cache holds (a manifest or any completed shard of) the part in `subdir`."""
+    return manifest_path(cache_dir, subdir).is_file() or bool(done_markers_on_disk(cache_dir, subdir))
+
+
+def load_manifest(cache_dir: Path | str, subdir: str = SHARDS_SUBDIR) -> dict:
+    """Read and check a part's manifest (keys, schema version, shard names); CacheError says what is wrong."""
     cache_dir = Path(cache_dir)
-    path = manifest_path(cache_dir)
+    path = manifest_path(cache_dir, subdir)
     if not path.is_file():
-        raise CacheError(_incomplete_message(cache_dir))
+        raise CacheError(_incomplete_message(cache_dir, subdir))
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -120,6 +127,8 @@ def load_manifest(cache_dir: Path | str) -> dict:
     if names != [shard_stem(i, num_shards) for i in range(num_shards)]:
         raise CacheError(f"{path}: shard list does not name shards 0..{num_shards - 1} of {num_shards} in order")
     settings = manifest.get("settings")
-    if not isinstance(settings, dict) or not isinstance(settings.get("top_k"), int) or settings["top_k"] < 1:
+    if not isinstance(settings, dict):
+        raise CacheError(f"{path}: no settings object (the extractor's header sets it)")
+    if subdir == SHARDS_SUBDIR and (not isinstance(settings.get("top_k"), int) or settings["top_k"] < 1):
         raise CacheError(f"{path}: settings.top_k must be a positive integer (the extractor's header sets it)")
     return manifest

@@ -3,6 +3,12 @@
     cache = Cache.open("cache/")
     for rec in cache.records(rank=r, world_size=w, start=n):   # streaming, split over ranks, resumable
         ...
+    for pref in cache.preference_records(rank=r, world_size=w, start=n):   # the same for preference pairs
+        ...
+
+A cache holds distillation records (manifest.json, shards/), preference records (preference/), or both;
+`cache.manifest` / `cache.preference_manifest` is None for a part it lacks, and reading a missing part
+raises a CacheError that says how to extract it.
 
 Splitting: the unit is one (shard, row group), numbered in manifest shard order; rank r reads the
 units u with u % world_size == r, in order. The union over ranks is every record, each exactly once,
@@ -13,70 +19,93 @@ and a rank's order never changes. `start` is the number of records this rank alr
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import CacheError
-from .layout import relative_name, shard_paths
-from .manifest import load_manifest
-from .records import DistillRecord
-from .schema import DISTILL_SCHEMA
+from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
+from .manifest import has_part, load_manifest
+from .records import DistillRecord, PreferenceRecord
+from .schema import DISTILL_SCHEMA, PREFERENCE_SCHEMA
 from .shard_file import batch_rows, iter_row_group, open_shard
 from .stats import shard_sums, summarize
 from .verify import verify_shards
 
+PARTS = {SHARDS_SUBDIR: DISTILL_SCHEMA, PREFERENCE_SUBDIR: PREFERENCE_SCHEMA}
+
 
 class Cache:
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifests: dict[str, dict]) -> None:
         self.path = path
-        self.manifest = manifest
-        self.top_k: int = manifest["settings"]["top_k"]
-        self.num_records: int = manifest["totals"]["records_written"]
+        self.manifests = manifests  # subdir -> manifest of each part present
+        self.manifest: dict | None = manifests.get(SHARDS_SUBDIR)  # distillation records
+        self.preference_manifest: dict | None = manifests.get(PREFERENCE_SUBDIR)
+        self.top_k: int | None = self.manifest["settings"]["top_k"] if self.manifest else None
+        self.num_records: int = self.manifest["totals"]["records_written"] if self.manifest else 0
+        self.num_preference_records: int = (self.preference_manifest["totals"]["records_written"]
+                                            if self.preference_manifest else 0)
 
     @classmethod
     def open(cls, path: Path | str) -> Cache:
-        """Load the manifest and check that every shard file exists with its recorded size (no hashing)."""
+        """Load each part's manifest and check that every shard file exists with its recorded size (no hashing)."""
         path = Path(path)
-        manifest = load_manifest(path)
-        cache = cls(path, manifest)
-        for index, shard in enumerate(manifest["shards"]):
-            parquet, name = cache._shard_file(index)
-            if not parquet.is_file():
-                raise CacheError(f"{name} is listed in manifest.json but missing; {cache._redo_hint(index)}")
-            size = parquet.stat().st_size
-            if size != shard["bytes"]:
-                raise CacheError(
-                    f"{name} has {size} bytes but manifest.json records {shard['bytes']} (truncated or modified); "
-                    f"{cache._redo_hint(index)}"
-                )
+        present = [subdir for subdir in PARTS if has_part(path, subdir)] or [SHARDS_SUBDIR]  # none: say why
+        cache = cls(path, {subdir: load_manifest(path, subdir) for subdir in present})
+        for subdir, manifest in cache.manifests.items():
+            for index, shard in enumerate(manifest["shards"]):
+                parquet, name = cache._shard_file(index, subdir)
+                if not parquet.is_file():
+                    raise CacheError(f"{name} is listed in {_manifest_name(subdir)} but missing; "
+                                     f"{cache._redo_hint(index, subdir)}")
+                size = parquet.stat().st_size
+                if size != shard["bytes"]:
+                    raise CacheError(
+                        f"{name} has {size} bytes but {_manifest_name(subdir)} records {shard['bytes']} (truncated or modified); "
+                        f"{cache._redo_hint(index, subdir)}"
+                    )
         return cache
 
-    def _shard_file(self, index: int) -> tuple[Path, str]:
+    def _shard_file(self, index: int, subdir: str = SHARDS_SUBDIR) -> tuple[Path, str]:
         """(path, name for messages) of shard `index`'s Parquet file."""
-        parquet = shard_paths(self.path, index, self.manifest["num_shards"])[0]
+        parquet = shard_paths(self.path, index, self.manifests[subdir]["num_shards"], subdir)[0]
         return parquet, relative_name(self.path, parquet)
 
-    def _redo_hint(self, index: int) -> str:
-        done = shard_paths(self.path, index, self.manifest["num_shards"])[2]
-        return f"delete {relative_name(self.path, done)} and manifest.json, then rerun mod-extract with the same arguments"
+    def _redo_hint(self, index: int, subdir: str = SHARDS_SUBDIR) -> str:
+        done = shard_paths(self.path, index, self.manifests[subdir]["num_shards"], subdir)[2]
+        return (f"delete {relative_name(self.path, done)} and {_manifest_name(subdir)}, "
+                "then rerun mod-extract with the same arguments")
 
     def records(
         self, rank: int = 0, world_size: int = 1, start: int = 0, columns: list[str] | None = None
     ) -> Iterator[DistillRecord]:
         """Stream this rank's records from record `start` on; `columns` reads a subset (other fields are None)."""
+        if self.manifest is None:
+            raise CacheError(f"{self.path} holds no distillation records, only preference records; run mod-extract "
+                             f"on a LLaVA-format data file with --out {self.path} to add them")
+        decode = lambda row: DistillRecord.from_row(row, self.top_k)  # noqa: E731
+        return self._stream(SHARDS_SUBDIR, decode, rank, world_size, start, _read_columns(columns))
+
+    def preference_records(self, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[PreferenceRecord]:
+        """Stream this rank's preference pairs from record `start` on (split and resumed as `records`)."""
+        if self.preference_manifest is None:
+            raise CacheError(f"{self.path} holds no preference records; run mod-extract on a preference file "
+                             f"(records with \"chosen\" and \"rejected\") with --out {self.path} to add them")
+        return self._stream(PREFERENCE_SUBDIR, PreferenceRecord.from_row, rank, world_size, start, None)
+
+    def _stream(self, subdir: str, decode: Callable, rank: int, world_size: int, start: int,
+                read_columns: list[str] | None) -> Iterator:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
-        read_columns = _read_columns(columns)
         unit = 0  # global (shard, row group) counter
         consumed = 0  # records of this rank in the row groups before the current one
-        for index, shard in enumerate(self.manifest["shards"]):
-            path, name = self._shard_file(index)
-            with open_shard(path, name) as parquet:
+        for index, shard in enumerate(self.manifests[subdir]["shards"]):
+            path, name = self._shard_file(index, subdir)
+            with open_shard(path, name, PARTS[subdir]) as parquet:
                 if parquet.metadata.num_rows != shard["records"]:
                     raise CacheError(
-                        f"{name} holds {parquet.metadata.num_rows} records but manifest.json records {shard['records']}"
+                        f"{name} holds {parquet.metadata.num_rows} records but {_manifest_name(subdir)} records {shard['records']}"
                     )
                 for row_group in range(parquet.metadata.num_row_groups):
                     mine = unit % world_size == rank
@@ -92,23 +121,26 @@ class Cache:
                         dropped = min(skip, batch.num_rows)
                         skip -= dropped
                         consumed += dropped
-                        for record in self._decode(batch.slice(dropped), name, row_group):
+                        for record in self._decode(batch.slice(dropped), name, row_group, decode):
                             consumed += 1
                             record.cursor = consumed
                             yield record
 
-    def _decode(self, batch, name: str, row_group: int) -> list[DistillRecord]:
+    def _decode(self, batch, name: str, row_group: int, decode: Callable) -> list:
         try:
-            return [DistillRecord.from_row(row, self.top_k) for row in batch_rows(batch)]
+            return [decode(row) for row in batch_rows(batch)]
         except ValueError as err:
             raise CacheError(f"{name}: row group {row_group} holds a malformed record: {err}") from None
 
     def verify(self) -> list[str]:
-        """Every problem found by hashing and reading all shards; empty when the cache is sound."""
-        return verify_shards(self.path, self.manifest)
+        """Every problem found by hashing and reading all shards of every part; empty when the cache is sound."""
+        return [problem for subdir, manifest in self.manifests.items()
+                for problem in verify_shards(self.path, manifest, subdir)]
 
     def stats(self) -> list[dict]:
-        """One summary per shard, then one named "total" (see store/stats.py for the fields)."""
+        """One summary per distillation shard, then one named "total" (see store/stats.py for the fields)."""
+        if self.manifest is None:
+            return []
         rows, total = [], None
         for index, shard in enumerate(self.manifest["shards"]):
             path, name = self._shard_file(index)
@@ -118,21 +150,26 @@ class Cache:
         rows.append(summarize("total", total, self.manifest["totals"]["bytes"]))
         return rows
 
-    def rejects(self) -> Iterator[dict]:
-        """Every rejected input record, shard by shard: {"index", "sample_id", "line", "reason"}."""
-        for index in range(self.manifest["num_shards"]):
-            path = shard_paths(self.path, index, self.manifest["num_shards"])[1]
+    def rejects(self, subdir: str = SHARDS_SUBDIR) -> Iterator[dict]:
+        """Every rejected input record of a part, shard by shard: {"index", "sample_id", "line", "kind", "reason"}."""
+        num_shards = self.manifests[subdir]["num_shards"] if subdir in self.manifests else 0
+        for index in range(num_shards):
+            path = shard_paths(self.path, index, num_shards, subdir)[1]
             name = relative_name(self.path, path)
             try:
                 with open(path, encoding="utf-8") as f:
                     lines = list(enumerate(f, start=1))
             except FileNotFoundError:
-                raise CacheError(f"{name} is missing; {self._redo_hint(index)}") from None
+                raise CacheError(f"{name} is missing; {self._redo_hint(index, subdir)}") from None
             for line_number, line in lines:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as err:
                     raise CacheError(f"{name} line {line_number} is not JSON: {err}") from None
+
+
+def _manifest_name(subdir: str) -> str:
+    return relative_name(Path("."), manifest_path(".", subdir))
 
 
 def _read_columns(columns: list[str] | None) -> list[str] | None:

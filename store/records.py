@@ -1,9 +1,10 @@
-"""`python -c "from modkd.store import DistillRecord"`: one decoded distillation record and its Arrow row form.
+"""`python -c "from modkd.store import DistillRecord, PreferenceRecord"`: decoded cache records and their Arrow row form.
 
 A record holds numpy arrays with fixed dtypes; `to_row()` flattens it into a dict keyed by the
 columns of DISTILL_SCHEMA and `from_row(row, k)` rebuilds it. Both check shapes and dtypes and raise
 a ValueError naming the record and the field. Records read with `Cache.records(columns=...)` carry
-None in every field whose column was not read.
+None in every field whose column was not read. `PreferenceRecord` is the same for PREFERENCE_SCHEMA
+(always read whole).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .schema import POSITION_KINDS
+from .schema import POSITION_KINDS, PREFERENCE_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,69 @@ class DistillRecord:
             image=image,
             num_image_tokens=None if "num_image_tokens" not in row else int(row["num_image_tokens"]),
         )
+
+
+PREFERENCE_ARRAYS = {  # field -> dtype; every one is 1-D
+    "prompt_ids": np.int32, "chosen_ids": np.int32, "rejected_ids": np.int32, "mismatched_ids": np.int32,
+    "chosen_logprobs": np.float32, "rejected_logprobs": np.float32, "mismatched_logprobs": np.float32,
+}
+RESPONSES = ("chosen", "rejected", "mismatched")
+
+
+@dataclass
+class PreferenceRecord:
+    """One preference pair with the teacher's (reference) log-probs; see PREFERENCE_SCHEMA."""
+
+    sample_id: str
+    prompt_ids: np.ndarray  # (Tp,) int32, image placeholders expanded
+    chosen_ids: np.ndarray  # (Tc,) int32: the teacher saw prompt_ids + chosen_ids
+    rejected_ids: np.ndarray  # (Tr,) int32
+    mismatched_ids: np.ndarray  # (Tm,) int32: record `mismatched_from`'s chosen response after this prompt
+    mismatched_from: str
+    chosen_logprobs: np.ndarray  # (Tc,) float32, teacher log-prob of each chosen token
+    rejected_logprobs: np.ndarray  # (Tr,) float32
+    mismatched_logprobs: np.ndarray  # (Tm,) float32
+    chosen_logprob: float  # float64 sums of the per-token values
+    rejected_logprob: float
+    mismatched_logprob: float
+    image: ImageRef | None
+    num_image_tokens: int
+    cursor: int = 0  # set by Cache.preference_records, as for DistillRecord
+
+    def __post_init__(self) -> None:
+        for name, dtype in PREFERENCE_ARRAYS.items():
+            value = getattr(self, name)
+            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.ndim != 1:
+                got = f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+                raise ValueError(f"record {self.sample_id!r}: {name} must be a 1-D {np.dtype(dtype)} array, got {got}")
+        for response in RESPONSES:
+            ids, lps = getattr(self, f"{response}_ids"), getattr(self, f"{response}_logprobs")
+            if ids.shape != lps.shape or ids.size == 0:
+                raise ValueError(f"record {self.sample_id!r}: {response}_ids {ids.shape} and {response}_logprobs "
+                                 f"{lps.shape} must have one equal, non-zero length")
+        if self.num_image_tokens < 0 or (self.image is None and self.num_image_tokens != 0):
+            raise ValueError(f"record {self.sample_id!r}: num_image_tokens is {self.num_image_tokens} "
+                             f"with image {self.image}; text-only records have 0")
+
+    def sequence(self, response: str) -> np.ndarray:
+        """(Tp + Tx,) int32: exactly the tokens the teacher saw for `response` (chosen, rejected or mismatched)."""
+        return np.concatenate([self.prompt_ids, getattr(self, f"{response}_ids")])
+
+    def to_row(self) -> dict:
+        row = {name: getattr(self, name) for name in PREFERENCE_ARRAYS}
+        row.update({
+            "sample_id": self.sample_id, "mismatched_from": self.mismatched_from,
+            **{f"{r}_logprob": float(getattr(self, f"{r}_logprob")) for r in RESPONSES},
+            "image_path": None if self.image is None else self.image.path,
+            "image_sha256": None if self.image is None else self.image.sha256,
+            "num_image_tokens": int(self.num_image_tokens),
+        })
+        return {name: row[name] for name in PREFERENCE_SCHEMA.names}
+
+    @classmethod
+    def from_row(cls, row: dict) -> PreferenceRecord:
+        image = None if row["image_path"] is None else ImageRef(path=row["image_path"], sha256=row["image_sha256"])
+        return cls(**{name: np.asarray(row[name], dtype=dtype) for name, dtype in PREFERENCE_ARRAYS.items()},
+                   sample_id=row["sample_id"], mismatched_from=row["mismatched_from"],
+                   **{f"{r}_logprob": float(row[f"{r}_logprob"]) for r in RESPONSES},
+                   image=image, num_image_tokens=int(row["num_image_tokens"]))

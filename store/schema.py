@@ -1,4 +1,4 @@
-"""`python -c "from modkd.store.schema import DISTILL_SCHEMA; print(DISTILL_SCHEMA)"`: the cache's Parquet schema.
+"""`python -c "from modkd.store.schema import DISTILL_SCHEMA; print(DISTILL_SCHEMA)"`: the cache's Parquet schemas.
 
 One row per distillation record. Position t stores the teacher's distribution over the token at t + 1
 (the shift lives in the data: `positions` are the predicting positions, never the predicted ones).
@@ -32,5 +32,29 @@ DISTILL_SCHEMA = pa.schema(
         pa.field("image_path", pa.string(), nullable=True),  # posix path relative to the image root
         pa.field("image_sha256", pa.string(), nullable=True),  # hex digest of the image file
         pa.field("num_image_tokens", pa.int32(), nullable=False),  # 0 for text-only records
+    ]
+)
+
+# One row per preference pair (DESIGN section 4). The teacher saw prompt_ids + X_ids for X in chosen,
+# rejected and mismatched; per-token log-probs are those of X's tokens (position len(prompt) - 1 + i
+# predicts X_ids[i]), their sums are accumulated in float64. `mismatched` is another record's chosen
+# response after this record's prompt (KTO's reference-point pair), fixed at extraction.
+PREFERENCE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # (Tp,) image tokens expanded
+        pa.field("chosen_ids", pa.list_(pa.int32()), nullable=False),  # (Tc,) response tokens + end of turn
+        pa.field("rejected_ids", pa.list_(pa.int32()), nullable=False),  # (Tr,)
+        pa.field("mismatched_ids", pa.list_(pa.int32()), nullable=False),  # (Tm,)
+        pa.field("mismatched_from", pa.string(), nullable=False),  # sample_id whose chosen response it is
+        pa.field("chosen_logprobs", pa.list_(pa.float32()), nullable=False),  # (Tc,) teacher, per token
+        pa.field("rejected_logprobs", pa.list_(pa.float32()), nullable=False),  # (Tr,)
+        pa.field("mismatched_logprobs", pa.list_(pa.float32()), nullable=False),  # (Tm,)
+        pa.field("chosen_logprob", pa.float64(), nullable=False),  # sum of chosen_logprobs, in float64
+        pa.field("rejected_logprob", pa.float64(), nullable=False),
+        pa.field("mismatched_logprob", pa.float64(), nullable=False),
+        pa.field("image_path", pa.string(), nullable=True),
+        pa.field("image_sha256", pa.string(), nullable=True),
+        pa.field("num_image_tokens", pa.int32(), nullable=False),
     ]
 )

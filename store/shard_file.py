@@ -20,15 +20,16 @@ from .schema import DISTILL_SCHEMA
 READ_ERRORS = (pa.ArrowException, OSError)
 
 
-def open_shard(path: Path, name: str) -> pq.ParquetFile:
-    """The shard's ParquetFile (only its footer is read); CacheError if unreadable or not DISTILL_SCHEMA."""
+def open_shard(path: Path, name: str, schema: pa.Schema = DISTILL_SCHEMA) -> pq.ParquetFile:
+    """The shard's ParquetFile (only its footer is read); CacheError if unreadable or not `schema`."""
     try:
         parquet = pq.ParquetFile(path)
     except READ_ERRORS as err:
         raise CacheError(f"{name} is not a readable Parquet file ({err}); the shard must be re-extracted") from None
-    if not parquet.schema_arrow.equals(DISTILL_SCHEMA):
+    if not parquet.schema_arrow.equals(schema):
         parquet.close()
-        raise CacheError(f"{name} does not have DISTILL_SCHEMA; it holds:\n{parquet.schema_arrow}")
+        expected = "DISTILL_SCHEMA" if schema.equals(DISTILL_SCHEMA) else "PREFERENCE_SCHEMA"
+        raise CacheError(f"{name} does not have {expected}; it holds:\n{parquet.schema_arrow}")
     return parquet
 
 

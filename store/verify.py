@@ -4,7 +4,9 @@ Checks per shard: the file exists, has the manifest's byte size and sha256, open
 holds the manifest's record and position counts, and every row is self-consistent (lengths
 P, P * k, positions in [0, T - 1), known position kinds, no NaN, top-k mass <= 1, image columns
 set together); the rejects file has one line per rejected record; sample ids are unique across the
-cache. Every problem names its shard.
+cache. Preference shards (cache/preference/) get the same file checks and their own row checks: each
+response's ids and per-token log-probs have one non-zero length, log-probs are finite and <= 0, the
+stored sums equal the per-token sums. Every problem names its shard.
 """
 
 from __future__ import annotations
@@ -15,59 +17,69 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import CacheError
-from .layout import relative_name, shard_paths
-from .manifest import load_manifest
-from .schema import POSITION_KINDS
+from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
+from .manifest import has_part, load_manifest
+from .schema import DISTILL_SCHEMA, POSITION_KINDS, PREFERENCE_SCHEMA
 from .shard_file import iter_row_group, list_column, open_shard
 from .writer import sha256_file
 
 MASS_TOLERANCE = 1e-3  # float32 log-probs of a full-vocab softmax sum to 1 within ~1e-5; beyond 1e-3 is a bug
+SUM_TOLERANCE = 1e-4  # relative: the stored float64 sum against the float32 per-token values summed here
 
 
 def verify_cache(cache_dir: Path | str) -> list[str]:
-    """Problems of the cache at `cache_dir`, starting from its manifest; empty when it is sound."""
-    try:
-        manifest = load_manifest(cache_dir)
-    except CacheError as err:
-        return [str(err)]
-    return verify_shards(Path(cache_dir), manifest)
+    """Problems of the cache at `cache_dir`, starting from its manifests; empty when it is sound."""
+    parts = [subdir for subdir in (SHARDS_SUBDIR, PREFERENCE_SUBDIR) if has_part(cache_dir, subdir)] or [SHARDS_SUBDIR]
+    problems = []
+    for subdir in parts:
+        try:
+            manifest = load_manifest(cache_dir, subdir)
+        except CacheError as err:
+            problems.append(str(err))
+            continue
+        problems += verify_shards(Path(cache_dir), manifest, subdir)
+    return problems
 
 
-def verify_shards(cache_dir: Path, manifest: dict) -> list[str]:
+def verify_shards(cache_dir: Path, manifest: dict, subdir: str = SHARDS_SUBDIR) -> list[str]:
     problems: list[str] = []
     seen_ids: set[str] = set()
     num_shards = manifest["num_shards"]
+    listed = relative_name(cache_dir, manifest_path(cache_dir, subdir))  # how messages name the manifest
     for index, shard in enumerate(manifest["shards"]):
-        parquet, rejects, _ = shard_paths(cache_dir, index, num_shards)
+        parquet, rejects, _ = shard_paths(cache_dir, index, num_shards, subdir)
         name = relative_name(cache_dir, parquet)
-        problems += _check_rejects(rejects, relative_name(cache_dir, rejects), shard["records_rejected"])
+        problems += _check_rejects(rejects, relative_name(cache_dir, rejects), shard["records_rejected"], listed)
         if not parquet.is_file():
             problems.append(f"{name}: missing")
             continue
         size = parquet.stat().st_size
         if size != shard["bytes"]:
-            problems.append(f"{name}: {size} bytes, manifest.json records {shard['bytes']} (truncated or modified)")
+            problems.append(f"{name}: {size} bytes, {listed} records {shard['bytes']} (truncated or modified)")
         elif sha256_file(parquet) != shard["sha256"]:
-            problems.append(f"{name}: sha256 differs from manifest.json (file modified or corrupted)")
+            problems.append(f"{name}: sha256 differs from {listed} (file modified or corrupted)")
         try:
-            problems += _check_rows(parquet, name, shard, manifest["settings"]["top_k"], seen_ids)
+            if subdir == SHARDS_SUBDIR:
+                problems += _check_rows(parquet, name, shard, manifest["settings"]["top_k"], seen_ids, listed)
+            else:
+                problems += _check_preference_rows(parquet, name, shard, seen_ids, listed)
         except CacheError as err:
             problems.append(str(err))
     return problems
 
 
-def _check_rejects(path: Path, name: str, expected: int) -> list[str]:
+def _check_rejects(path: Path, name: str, expected: int, listed: str) -> list[str]:
     if not path.is_file():
         return [f"{name}: missing"]
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = sum(1 for _ in f)
-    return [] if lines == expected else [f"{name}: {lines} lines, manifest.json records {expected} rejected records"]
+    return [] if lines == expected else [f"{name}: {lines} lines, {listed} records {expected} rejected records"]
 
 
-def _check_rows(path: Path, name: str, shard: dict, k: int, seen_ids: set[str]) -> list[str]:
+def _check_rows(path: Path, name: str, shard: dict, k: int, seen_ids: set[str], listed: str) -> list[str]:
     bad: dict[str, list] = {}  # check -> [rows failing, first failing row index in the shard]
     records = positions = 0
-    with open_shard(path, name) as parquet:
+    with open_shard(path, name, DISTILL_SCHEMA) as parquet:
         for row_group in range(parquet.metadata.num_row_groups):
             for batch in iter_row_group(parquet, name, row_group, None):
                 for check, mask in _row_checks(batch, k, name, row_group).items():  # mask: (R,) bool, True = bad
@@ -82,9 +94,9 @@ def _check_rows(path: Path, name: str, shard: dict, k: int, seen_ids: set[str]) 
                 positions += int(np.diff(batch.column("positions").offsets.to_numpy()).sum())
     problems = [f"{name}: {count} rows with {check} (first: row {first})" for check, (count, first) in bad.items()]
     if records != shard["records"]:
-        problems.append(f"{name}: {records} records, manifest.json records {shard['records']}")
+        problems.append(f"{name}: {records} records, {listed} records {shard['records']}")
     if positions != shard["positions"]:
-        problems.append(f"{name}: {positions} positions, manifest.json records {shard['positions']}")
+        problems.append(f"{name}: {positions} positions, {listed} records {shard['positions']}")
     return problems
 
 
@@ -123,15 +135,61 @@ def _row_checks(batch: pa.RecordBatch, k: int, name: str, row_group: int) -> dic
         mass = np.exp(topk.astype(np.float64)).reshape(-1, k).sum(axis=1)  # (P_total,) float64
         over = mass > 1 + MASS_TOLERANCE  # (P_total,) bool
         checks["top-k probability mass > 1 at some position"] = _rows_with(row_of_position, over, batch.num_rows)
-    image_path = batch.column("image_path").is_null().to_numpy(zero_copy_only=False)  # (R,) bool
-    image_sha = batch.column("image_sha256").is_null().to_numpy(zero_copy_only=False)  # (R,) bool
-    image_tokens = batch.column("num_image_tokens").to_numpy()  # (R,) int32
-    checks["only one of image_path and image_sha256 set"] = image_path != image_sha
-    checks["num_image_tokens != 0 without an image"] = image_path & (image_tokens != 0)
-    checks["negative num_image_tokens"] = image_tokens < 0
+    checks.update(_image_checks(batch))
     return checks
 
 
 def _rows_with(row_of_item: np.ndarray, item_bad: np.ndarray, num_rows: int) -> np.ndarray:
     """(R,) bool: rows owning at least one bad item."""
     return np.bincount(row_of_item[item_bad], minlength=num_rows) > 0
+
+
+def _check_preference_rows(path: Path, name: str, shard: dict, seen_ids: set[str], listed: str) -> list[str]:
+    bad: dict[str, list] = {}  # check -> [rows failing, first failing row index in the shard]
+    records = 0
+    with open_shard(path, name, PREFERENCE_SCHEMA) as parquet:
+        for row_group in range(parquet.metadata.num_row_groups):
+            for batch in iter_row_group(parquet, name, row_group, None):
+                for check, mask in _preference_checks(batch, name, row_group).items():  # (R,) bool, True = bad
+                    if mask.any():
+                        bad.setdefault(check, [0, records + int(np.argmax(mask))])[0] += int(mask.sum())
+                for sample_id in batch.column("sample_id").to_pylist():
+                    if sample_id in seen_ids:
+                        bad.setdefault(f"sample_id {sample_id!r} appears twice in the cache", [0, records])[0] += 1
+                    seen_ids.add(sample_id)
+                records += batch.num_rows
+    problems = [f"{name}: {count} rows with {check} (first: row {first})" for check, (count, first) in bad.items()]
+    if records != shard["records"]:
+        problems.append(f"{name}: {records} records, {listed} records {shard['records']}")
+    return problems
+
+
+def _preference_checks(batch: pa.RecordBatch, name: str, row_group: int) -> dict[str, np.ndarray]:
+    checks = {}
+    for response in ("chosen", "rejected", "mismatched"):
+        try:
+            id_offsets, _ = list_column(batch.column(f"{response}_ids"))
+            lp_offsets, logprobs = list_column(batch.column(f"{response}_logprobs"))  # (N,) float32
+        except ValueError as err:
+            raise CacheError(f"{name}: row group {row_group}: {err}") from None
+        lengths = np.diff(id_offsets)  # (R,) int32
+        checks[f"empty or mismatched {response} ids/log-probs"] = (lengths == 0) | (lengths != np.diff(lp_offsets))
+        rows = np.repeat(np.arange(batch.num_rows), np.diff(lp_offsets))  # (N,) row of each token
+        checks[f"NaN or positive {response} log-probs"] = _rows_with(rows, ~(logprobs <= 0), batch.num_rows)
+        summed = np.bincount(rows, weights=logprobs.astype(np.float64), minlength=batch.num_rows)  # (R,) float64
+        stored = batch.column(f"{response}_logprob").to_numpy()  # (R,) float64
+        checks[f"{response}_logprob != sum of {response}_logprobs"] = ~(
+            np.abs(summed - stored) <= SUM_TOLERANCE * np.maximum(1.0, np.abs(stored)))
+    checks.update(_image_checks(batch))
+    return checks
+
+
+def _image_checks(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+    image_path = batch.column("image_path").is_null().to_numpy(zero_copy_only=False)  # (R,) bool
+    image_sha = batch.column("image_sha256").is_null().to_numpy(zero_copy_only=False)  # (R,) bool
+    image_tokens = batch.column("num_image_tokens").to_numpy()  # (R,) int32
+    return {
+        "only one of image_path and image_sha256 set": image_path != image_sha,
+        "num_image_tokens != 0 without an image": image_path & (image_tokens != 0),
+        "negative num_image_tokens": image_tokens < 0,
+    }

@@ -14,8 +14,14 @@ from modkd.store import POSITION_MODES, Cache
 from modkd.store.fingerprint import tokenizer_sha256
 
 
-def check_student_matches_cache(cache: Cache, model, processor, student: str, kd_positions: str) -> None:
-    manifest = cache.manifest
+def check_student_matches_cache(cache: Cache, model, processor, student: str, kd_positions: str | None) -> None:
+    """kd_positions=None: the run reads the cache's preference records (stage pd), checked against their manifest."""
+    manifest = cache.manifest if kd_positions is not None else cache.preference_manifest
+    if manifest is None:
+        part = "distillation" if kd_positions is not None else "preference"
+        raise ValueError(f"the cache {cache.path} holds no {part} records; run mod-extract on a "
+                         f"{'LLaVA-format' if kd_positions is not None else 'preference (chosen/rejected)'} "
+                         f"data file with --out {cache.path}")
     ours = tokenizer_sha256(processor.tokenizer, processor.chat_template)
     theirs = manifest["tokenizer_sha256"]
     if ours != theirs:
@@ -29,6 +35,8 @@ def check_student_matches_cache(cache: Cache, model, processor, student: str, kd
         if tokens != cached:
             raise ValueError(f"image tokens differ: the cache's records hold {cached} tokens per image but student "
                              f"{student}'s vision tower yields {tokens}; the student cannot read these records")
+    if kd_positions is None:
+        return
     have = set(POSITION_MODES[manifest["settings"]["positions"]])
     want = set(POSITION_MODES[kd_positions])
     if not want <= have:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from modkd.store import POSITION_MODES
 
-STAGES = ("init", "sft", "d2d", "d2s")  # DESIGN section 5; each has a recipe in pipelines/recipes/
+STAGES = ("init", "sft", "d2d", "d2s", "pd")  # DESIGN section 5; each has a recipe in pipelines/recipes/
+PREFERENCE_LOSSES = ("kto", "dpo", "kto_pair")  # pd: KTO (LLaVA-MoD's method), DPO, LLaVA-MoD code's kto_pair
 
 
 @dataclass
@@ -49,6 +50,10 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers; resume is bit-exact with 0 (see README)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
     online_teacher: str | None = None  # comparison mode: compute the teacher's full distribution each step
+    pref_loss: str = "kto"  # pd only: kto | dpo | kto_pair (student/preference.py)
+    pref_beta: float = 0.1  # pd: KTO / DPO temperature (DESIGN section 6)
+    desirable_weight: float = 1.0  # pd, kto: weight of the chosen (desirable) examples' losses
+    undesirable_weight: float = 1.0  # pd, kto: weight of the rejected (undesirable) examples' losses
 
     def __post_init__(self) -> None:
         self.cache, self.out = Path(self.cache), Path(self.out)
@@ -60,7 +65,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "experts", "top_k_experts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kd_weight == 0 and self.lm_weight == 0:
+        if self.pref_loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"pref_loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.pref_loss!r}")
+        if self.stage != "pd" and self.kd_weight == 0 and self.lm_weight == 0:
             raise ValueError("kd_weight and lm_weight are both 0: nothing to train")
 
     def to_json(self) -> dict:

@@ -22,18 +22,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modkd.store import POSITION_KINDS, POSITION_MODES, Cache, DistillRecord
+from modkd.store import POSITION_KINDS, POSITION_MODES, Cache, DistillRecord, PreferenceRecord
 
 SHUFFLE_BUFFER = 1024  # records; ~4 row groups, enough to mix shards written from one ordered data file
 RESPONSE = POSITION_KINDS["response"]
 
 
 class RecordStream:
-    """Endless shuffled records of part `part` of `parts` (rank x worker); state() resumes it exactly."""
+    """Endless shuffled records of part `part` of `parts` (rank x worker); state() resumes it exactly.
+
+    Streams distillation records, or preference pairs with preference=True (Cache.preference_records).
+    """
 
     def __init__(self, cache: Cache, part: int, parts: int, seed: int, buffer_size: int = SHUFFLE_BUFFER,
-                 state: dict | None = None) -> None:
+                 state: dict | None = None, preference: bool = False) -> None:
         self.cache, self.part, self.parts, self.buffer_size = cache, part, parts, buffer_size
+        self.read_part = cache.preference_records if preference else cache.records
         self.epoch, self.read, self.buffer = 0, 0, []
         self.rng = random.Random(f"{seed}/{part}/{parts}")
         if state is not None:
@@ -49,7 +53,7 @@ class RecordStream:
         wanted = state["buffer"]
         if wanted:  # re-read the window that holds the buffered records, keep those, in buffer order
             by_cursor = {}
-            for rec in self.cache.records(self.part, self.parts, start=min(wanted) - 1):
+            for rec in self.read_part(self.part, self.parts, start=min(wanted) - 1):
                 if rec.cursor > self.read:
                     break
                 by_cursor[rec.cursor] = rec
@@ -57,7 +61,7 @@ class RecordStream:
 
     def __iter__(self):
         while True:
-            source = self.cache.records(self.part, self.parts, start=self.read)
+            source = self.read_part(self.part, self.parts, start=self.read)
             got_any = self.read > 0 or bool(self.buffer)
             for rec in source:
                 got_any = True
@@ -115,13 +119,13 @@ class ImageLoader:
         self.image_processor = image_processor
         self.checked: set[str] = set()
 
-    def pixels(self, records: list[DistillRecord]) -> torch.Tensor | None:
+    def pixels(self, records: list[DistillRecord] | list[PreferenceRecord]) -> torch.Tensor | None:
         images = [self._open(r) for r in records if r.image is not None]
         if not images:
             return None
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (n, 3, H, W)
 
-    def _open(self, rec: DistillRecord) -> Image.Image:
+    def _open(self, rec: DistillRecord | PreferenceRecord) -> Image.Image:
         if self.root is None:
             raise ValueError(f"record {rec.sample_id!r} has an image ({rec.image.path}); pass --image-root")
         path = (self.root / rec.image.path).resolve()
@@ -166,24 +170,87 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader) -> B
     )
 
 
+@dataclass
+class Sequences:
+    """Padded prompt + response sequences; N = response tokens over all S rows."""
+
+    input_ids: torch.Tensor  # (S, T) int64
+    attention_mask: torch.Tensor  # (S, T) int64
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W) fp32, in row order
+    flat_positions: torch.Tensor  # (N,) int64: s * T + t of each position predicting a response token
+    targets: torch.Tensor  # (N,) int64: the response token at t + 1
+    sequence_index: torch.Tensor  # (N,) int64: the row s each position belongs to
+    ref_logps: torch.Tensor  # (S,) float64: the teacher's summed log-prob of each row's response
+
+    def to(self, device) -> Sequences:
+        return Sequences(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
+
+
+@dataclass
+class PreferenceBatch:
+    """B preference pairs: `policy` rows are the B chosen then the B rejected responses; `mismatched` rows are
+    each prompt with its stored KTO partner's response (scored by the student without gradient)."""
+
+    policy: Sequences  # 2B rows
+    mismatched: Sequences  # B rows
+    sample_ids: list[str]
+    stream_state: dict | None = None
+
+    def to(self, device) -> PreferenceBatch:
+        return PreferenceBatch(self.policy.to(device), self.mismatched.to(device), self.sample_ids, self.stream_state)
+
+
+def collate_preference(records: list[PreferenceRecord], pad_id: int, images: ImageLoader) -> PreferenceBatch:
+    pixels = images.pixels(records)  # (n_images, 3, H, W) or None
+    policy = _sequences([(r, "chosen") for r in records] + [(r, "rejected") for r in records], pad_id,
+                        None if pixels is None else torch.cat([pixels, pixels]))
+    mismatched = _sequences([(r, "mismatched") for r in records], pad_id, pixels)
+    return PreferenceBatch(policy, mismatched, [r.sample_id for r in records])
+
+
+def _sequences(rows: list[tuple[PreferenceRecord, str]], pad_id: int, pixel_values: torch.Tensor | None) -> Sequences:
+    tokens = [r.sequence(response) for r, response in rows]  # each (Tp + Tx,) int32, as the teacher saw it
+    T = max(len(t) for t in tokens)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (S, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (S, T)
+    flat, targets, index = [], [], []
+    for s, ((r, response), seq) in enumerate(zip(rows, tokens)):
+        ids[s, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        mask[s, : len(seq)] = 1
+        start = len(r.prompt_ids) - 1  # position start + i predicts response token i
+        n = len(seq) - len(r.prompt_ids)
+        flat.append(s * T + start + np.arange(n))
+        targets.append(seq[start + 1 :].astype(np.int64))
+        index.append(np.full(n, s))
+    return Sequences(
+        input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+        flat_positions=torch.from_numpy(np.concatenate(flat)), targets=torch.from_numpy(np.concatenate(targets)),
+        sequence_index=torch.from_numpy(np.concatenate(index)),
+        ref_logps=torch.tensor([getattr(r, f"{response}_logprob") for r, response in rows], dtype=torch.float64))
+
+
 class BatchStream(torch.utils.data.IterableDataset):
-    """Batches for one process; each DataLoader worker streams its own part of the rank's share."""
+    """Batches for one process; each DataLoader worker streams its own part of the rank's share.
+    Batch of distillation records, or PreferenceBatch of preference pairs with preference=True."""
 
     def __init__(self, cache_path: Path, rank: int, world_size: int, batch_size: int, seed: int, pad_id: int,
-                 image_root: Path | None, image_processor, states: dict | None = None) -> None:
+                 image_root: Path | None, image_processor, states: dict | None = None, preference: bool = False) -> None:
         self.cache_path, self.rank, self.world_size = cache_path, rank, world_size
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self.image_root, self.image_processor = image_root, image_processor
         self.states = states or {}  # worker id -> RecordStream state
+        self.preference = preference
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         part, parts = self.rank * workers + worker, self.world_size * workers
-        stream = RecordStream(Cache.open(self.cache_path), part, parts, self.seed, state=self.states.get(worker))
+        stream = RecordStream(Cache.open(self.cache_path), part, parts, self.seed, state=self.states.get(worker),
+                              preference=self.preference)
         images = ImageLoader(self.image_root, self.image_processor)
         records = iter(stream)
+        make = collate_preference if self.preference else collate
         while True:
-            batch = collate([next(records) for _ in range(self.batch_size)], self.pad_id, images)
+            batch = make([next(records) for _ in range(self.batch_size)], self.pad_id, images)
             batch.stream_state = {"worker": worker, "state": stream.state()}
             yield batch

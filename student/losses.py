@@ -51,6 +51,14 @@ def student_logprobs(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch
     return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
+def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
+    """log q(target) (N,) fp32 under the student's full-vocabulary log-softmax, chunked as `student_logprobs`
+    (preference losses need only this, not the cached top-k)."""
+    no_ids = targets.new_zeros((targets.shape[0], 0))  # (N, 0): no cached support
+    return student_logprobs(hidden, weight, no_ids, targets, chunk, tail=False)[1]
+
+
 def forward_kl(logq_topk: torch.Tensor, logp_topk: torch.Tensor, logq_tail: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position forward KL(p || q) over the cached support; (N,) fp32.
 

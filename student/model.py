@@ -111,6 +111,9 @@ def trainable_names(model: LlavaForConditionalGeneration, stage: str) -> list[st
             names.append(name)
         elif stage == "d2s" and ".language_model." in name and ".mlp." in name and "shared_expert" not in name:
             names.append(name)  # the LLM's experts, routers, and dense FFNs of layers without experts (not CLIP's mlp)
+        elif (stage == "pd" and ".language_model." in name and ".mlp." in name and "shared_expert" not in name
+              and ".mlp.gate." not in name):
+            names.append(name)  # as d2s without the routers (DESIGN section 5: projector + experts)
     return names
 
 

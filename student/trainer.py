@@ -9,6 +9,7 @@ averages gradients, so every loss is multiplied by the number of processes. The 
 equals the one of a single batch holding all tokens, whatever the split (test: 4 x 2 == 1 x 8).
 
 Loss = kd_weight * KL(teacher || student) / #distilled + lm_weight * CE / #response + aux_coef * aux.
+Stage pd streams the cache's preference pairs instead and takes its step from student/pd.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .config import TrainConfig
 from .data import Batch, BatchStream
 from .losses import forward_kl, masked_sum, student_logprobs
 from .model import freeze_for, is_sparse, load_student, upcycle
+from .pd import accumulate_preference
 from .routing import RouterTap
 
 
@@ -63,7 +65,7 @@ def build_student(cfg: TrainConfig, log=print):
         log(f"[student] upcycling {cfg.student}: E{cfg.experts}T{cfg.top_k_experts}, every {cfg.moe_every} layer(s)")
         model = upcycle(model, cfg.experts, cfg.top_k_experts, cfg.moe_every, cfg.normalize_topk, cfg.aux_loss_coef,
                         cfg.seed)
-    elif is_sparse(model):
+    elif is_sparse(model) and cfg.stage == "d2s":  # a sparse student resumed into d2s must match the options
         text = model.config.text_config
         if (text.num_experts, text.num_experts_per_tok) != (cfg.experts, cfg.top_k_experts):
             raise ValueError(f"{cfg.student} is already E{text.num_experts}T{text.num_experts_per_tok}; "
@@ -82,8 +84,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     _claim_out(cfg, accelerator)
     set_seed(cfg.seed)
     cache = Cache.open(cfg.cache)
+    preference = cfg.stage == "pd"
     model, processor, trained = build_student(cfg, log if accelerator.is_main_process else _quiet)
-    check_student_matches_cache(cache, model, processor, cfg.student, cfg.kd_positions)
+    check_student_matches_cache(cache, model, processor, cfg.student, None if preference else cfg.kd_positions)
     tap = RouterTap(model, cfg.routing) if is_sparse(model) else None
     teacher = _online_teacher(cfg, accelerator) if cfg.online_teacher else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,7 +103,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if accelerator.is_main_process:
             _drop_metrics_after(cfg.out / "metrics.jsonl", step)
     data = BatchStream(cfg.cache, accelerator.process_index, accelerator.num_processes, cfg.batch_size, cfg.seed,
-                       processor.tokenizer.pad_token_id, cfg.image_root, processor.image_processor, streams)
+                       processor.tokenizer.pad_token_id, cfg.image_root, processor.image_processor, streams, preference)
     loader_rng = torch.Generator().manual_seed(cfg.seed)  # the DataLoader draws a seed: not from the restored global RNG
     batches = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.num_workers, generator=loader_rng))
     if accelerator.is_main_process:
@@ -116,25 +119,29 @@ def train(cfg: TrainConfig, log=print) -> Path:
         micro = [next(batches).to(accelerator.device) for _ in range(cfg.grad_accum)]
         for b in micro:
             streams[b.stream_state["worker"]] = b.stream_state["state"]
-        sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, lm_head, micro, tap, teacher)
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        kd_loss, lm_loss = sums[0].item() / n_kd, sums[1].item() / n_lm
-        if not all(math.isfinite(x) for x in (kd_loss, lm_loss, sums[2].item(), float(grad_norm))):
+        if preference:
+            losses = accumulate_preference(cfg, accelerator, wrapped, lm_head, micro, tap)
+            shown, mask = {"pd": losses["loss/pd"], "acc": losses["rewards/accuracy"]}, micro[-1].policy.attention_mask
+        else:
+            losses = _kd_step(cfg, accelerator, wrapped, lm_head, micro, tap, teacher)
+            shown, mask = {"kd": losses["loss/kd"], "lm": losses["loss/lm"]}, micro[-1].attention_mask
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        if not all(math.isfinite(x) for x in (*losses.values(), grad_norm)):
             raise TrainingDiverged(
-                f"non-finite loss at step {step + 1} (kd {kd_loss}, lm {lm_loss}, aux {sums[2].item()}, grad norm "
-                f"{float(grad_norm)}); the weights were not updated. Last good checkpoint: "
+                f"non-finite loss at step {step + 1} ({', '.join(f'{k} {v}' for k, v in losses.items())}, grad norm "
+                f"{grad_norm}); the weights were not updated. Last good checkpoint: "
                 f"{checkpoint.latest(cfg.out) or 'none yet'}. Lower --lr or check the cache (mod-store verify).")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
-        bar.set_postfix(kd=f"{kd_loss:.4f}", lm=f"{lm_loss:.4f}")
+        bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            scalars = {"loss/kd": kd_loss, "loss/lm": lm_loss, "loss/aux": sums[2].item() / accelerator.num_processes,
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens_per_s": sums[3].item() / (time.perf_counter() - started)}
-            _log_scalars(accelerator, cfg.out, step, scalars, tap, micro[-1].attention_mask)
+            tokens = losses.pop("tokens")
+            scalars = {**losses, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "tokens_per_s": tokens / (time.perf_counter() - started)}
+            _log_scalars(accelerator, cfg.out, step, scalars, tap, mask)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             checkpoint.save(accelerator, cfg.out, step, streams)
     bar.close()
@@ -165,6 +172,13 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _kd_step(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm_head, micro: list[Batch], tap, teacher) -> dict:
+    """The step's mean KL per distilled token, CE per response token, aux loss, and tokens (all processes)."""
+    sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, lm_head, micro, tap, teacher)
+    return {"loss/kd": sums[0].item() / n_kd, "loss/lm": sums[1].item() / n_lm,
+            "loss/aux": sums[2].item() / accelerator.num_processes, "tokens": sums[3].item()}
 
 
 def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm_head, micro: list[Batch], tap,

@@ -143,12 +143,13 @@ def expected_trained(model, stage: str) -> set[str]:
     if stage in ("sft", "d2d"):
         return projector | {n for n in names if ".language_model." in n or n.startswith("lm_head")}
     # d2s: the LLM's FFNs (experts, routers, dense FFNs of layers without experts); CLIP's layers have ".mlp." too
-    return projector | {n for n in names if ".language_model." in n and ".mlp." in n and ".shared_expert" not in n}
+    d2s = projector | {n for n in names if ".language_model." in n and ".mlp." in n and ".shared_expert" not in n}
+    return d2s if stage == "d2s" else {n for n in d2s if not n.endswith(".mlp.gate.weight")}  # pd: routers frozen
 
 
-@pytest.mark.parametrize("stage", ["init", "sft", "d2d", "d2s"])
+@pytest.mark.parametrize("stage", ["init", "sft", "d2d", "d2s", "pd"])
 def test_stage_trains_exactly_its_parameters(dense, inputs, stage):
-    model = upcycle(dense, experts=4, top_k=2, every=2) if stage == "d2s" else dense
+    model = upcycle(dense, experts=4, top_k=2, every=2) if stage in ("d2s", "pd") else dense
     model.train()
     tap = RouterTap(model)  # d2s: the aux loss gives the routers a gradient (identical experts alone do not)
     returned = freeze_for(model, stage)
@@ -162,8 +163,9 @@ def test_stage_trains_exactly_its_parameters(dense, inputs, stage):
     assert set(returned) == expected
     assert not any("vision_tower" in n for n in got | set(returned))
     if stage != "init":
-        assert any(n.endswith("mlp.gate.weight") or ".mlp.experts." in n for n in got) == (stage == "d2s")
-        assert any("embed_tokens" in n for n in got) == (stage != "d2s")
+        assert any(".mlp.experts." in n for n in got) == (stage in ("d2s", "pd"))
+        assert any(n.endswith("mlp.gate.weight") for n in got) == (stage == "d2s")
+        assert any("embed_tokens" in n for n in got) == (stage in ("sft", "d2d"))
 
 
 def test_d2s_needs_a_sparse_student(dense):
