@@ -4,6 +4,7 @@
     mod-pipeline demo --smoke                  # the same at CI size, under 2 minutes
     mod-pipeline toy                           # only build (or reuse) the toy world and the trained toy teacher
     mod-pipeline kd-vs-sft --out runs/kd-vs-sft  # KD against SFT at equal steps from one cache (LLaVA-MoD Table 5)
+    mod-pipeline mimic-vs-pd --out runs/mimic-vs-pd  # d2s against d2s + pd (kto, dpo), 3 seeds (Tables 4, 15-16)
 
 Still to come (issue 6): the distilled student stages (init, d2d, d2s, pd) inside the demo; until then
 `mod-pipeline kd-vs-sft` runs them against SFT from one cache.
@@ -20,9 +21,10 @@ import typer
 from modkd.extract.run import ExtractConfig, run as extract
 from modkd.pipelines.cli_store import inspect as inspect_cache
 from modkd.pipelines.toyworld.build import BIG, ToyConfig, build_toy, student_init, student_sft
-from modkd.pipelines.toyworld.compare import kd_vs_sft as run_kd_vs_sft
+from modkd.pipelines.toyworld.compare import kd_vs_sft as run_kd_vs_sft, mimic_vs_pd as run_mimic_vs_pd
 from modkd.pipelines.toyworld.evaluate import evaluate
-from modkd.pipelines.toyworld.report import comparison_table, parameters
+from modkd.pipelines.toyworld.report import comparison_table, parameters, seeds_table
+from modkd.store import Cache
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 SMOKE = ToyConfig(n_train_images=48, n_eval_images=8, n_pref=8, steps=30)  # exercises every step, proves nothing about quality
@@ -93,6 +95,28 @@ def kd_vs_sft(
                               image_root=toy.world, shards=8, top_k=20, positions="all"))
     results = run_kd_vs_sft(toy.teacher, student, cache, toy.world, out, steps, seed, 16 if smoke else None, log=_log)
     typer.echo("\n" + comparison_table(results) + f"\n\nresults: {out / 'results.json'}, {out / 'report.md'}")
+
+
+@app.command(name="mimic-vs-pd")
+def mimic_vs_pd(
+    out: Path = typer.Option(Path("runs/mimic-vs-pd"), help="cache, runs, results.json and report.md"),
+    steps: int = typer.Option(2000, min=2, help="mimic steps (d2d then d2s, half each); pd adds a tenth of it"),
+    seeds: int = typer.Option(3, min=1, help="seeds 0..N-1"),
+    smoke: bool = typer.Option(False, help="CI-sized world, a few steps: checks the plumbing only"),
+):
+    """d2d -> d2s against d2d -> d2s -> pd with KTO and with DPO, teacher-free, over seeds; mean and std."""
+    toy = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
+    student = student_init(toy, log=_log)
+    cache = out / "cache"
+    settings = dict(teacher=str(toy.teacher), out=cache, image_root=toy.world, shards=8)
+    if not (cache / "manifest.json").is_file():
+        _log(f"extracting the teacher's top-20 log-probs over every position into {cache}")
+        extract(ExtractConfig(data=toy.world / "train.jsonl", top_k=20, positions="all", **settings))
+    if Cache.open(cache).preference_manifest is None:
+        _log(f"extracting the teacher's reference log-probs of the world's preference pairs into {cache}/preference")
+        extract(ExtractConfig(data=toy.world / "pref.jsonl", **{**settings, "shards": 2}))
+    results = run_mimic_vs_pd(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
+    typer.echo("\n" + seeds_table(results) + f"\n\nresults: {out / 'results.json'}, {out / 'report.md'}")
 
 
 def main():

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from modkd.pipelines.cli_pipeline import app
 from modkd.store import Cache
 
 
-def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODKD_HOME", str(tmp_path / "home"))
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One MODKD_HOME for the module: the smoke toy world and teacher are built by the first test, then reused."""
+    return tmp_path_factory.mktemp("home")
+
+
+def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch, home):
+    monkeypatch.setenv("MODKD_HOME", str(home))
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out), "--shards", "3"])
     assert result.exit_code == 0, result.output
@@ -31,8 +38,8 @@ def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch):
     assert again.exit_code == 0 and "reusing" in again.output  # the toy teacher is trained once, then cached
 
 
-def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODKD_HOME", str(tmp_path / "home"))
+def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch, home):
+    monkeypatch.setenv("MODKD_HOME", str(home))
     out = tmp_path / "kd"
     result = CliRunner().invoke(app, ["kd-vs-sft", "--smoke", "--steps", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -44,3 +51,20 @@ def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch):
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert len(runs) == 6 and sum(r.endswith("-d2d") for r in runs) == 1  # the shared d2d stage is trained once
     assert (out / "report.md").read_text().count("| d2d -> d2s") == 2
+
+
+def test_mimic_vs_pd_smoke_trains_pd_from_the_cache_over_seeds(tmp_path, monkeypatch, home):
+    monkeypatch.setenv("MODKD_HOME", str(home))
+    out = tmp_path / "pd"
+    result = CliRunner().invoke(app, ["mimic-vs-pd", "--smoke", "--steps", "20", "--seeds", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert {name: len(runs) for name, runs in results.items()} == {
+        "teacher": 1, "d2d -> d2s": 2, "d2d -> d2s -> pd (kto)": 2, "d2d -> d2s -> pd (dpo)": 2}
+    for seed in (0, 1):
+        runs = sorted(p.name for p in (out / f"seed{seed}" / "runs").iterdir())
+        assert runs == ["00-d2d", "01-d2s", "02-pd", "03-pd"]  # d2d and d2s trained once per seed, shared
+        configs = [json.loads((out / f"seed{seed}" / "runs" / r / "train_config.json").read_text()) for r in runs[2:]]
+        assert [(c["pref_loss"], c["max_steps"], c["seed"]) for c in configs] == [("kto", 2, seed), ("dpo", 2, seed)]
+    assert Cache.open(out / "cache").num_preference_records == 8
+    assert "± " in (out / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""mod-pipeline kd-vs-sft --out runs/kd-vs-sft [--steps 2000]
+"""mod-pipeline kd-vs-sft --out runs/kd-vs-sft [--steps 2000]; mod-pipeline mimic-vs-pd --out runs/mimic-vs-pd
 
 KD against SFT on the toy world, from ONE cache, same student init, data, batches and total steps:
 
@@ -7,6 +7,12 @@ KD against SFT on the toy world, from ONE cache, same student init, data, batche
   d2d -> d2s       half the steps d2d (KL), then upcycled to E4T2 with KL + CE + aux (LLaVA-MoD's mimic
                    distillation; Table 5's KD row)
   d2d -> d2s(sft)  the same d2d student, then E4T2 with CE only: the d2s stage's loss alone changed
+
+Mimic against mimic + preference distillation (LLaVA-MoD Table 4; KTO vs DPO as Tables 15-16), seeds 0..n-1:
+
+  d2d -> d2s               as above
+  d2d -> d2s -> pd (kto)   then preference distillation on the world's pairs, the teacher as reference
+  d2d -> d2s -> pd (dpo)   the same with DPO
 
 Each arm is trained by the real trainer (`modkd.student.trainer.train`) and evaluated with
 `toyworld.evaluate`; the results (JSON) and a markdown table are written to --out.
@@ -22,7 +28,7 @@ from modkd.student.trainer import train
 
 from .build import ToyConfig
 from .evaluate import evaluate
-from .report import comparison_table, parameters
+from .report import comparison_table, parameters, seeds_table
 
 # arm -> its stages in order: (stage, share of the total steps, TrainConfig overrides)
 ARMS = {
@@ -31,22 +37,29 @@ ARMS = {
     "d2d -> d2s": [("d2d", 0.5, {}), ("d2s", 0.5, {})],
     "d2d -> d2s(sft)": [("d2d", 0.5, {}), ("d2s", 0.5, {"kd_weight": 0.0})],
 }
+PD_SHARE = 0.1  # pd steps as a share of the mimic steps: 200 of 2,000 = ~10 epochs of the world's 600 pairs
+PD_ARMS = {
+    "d2d -> d2s": ARMS["d2d -> d2s"],
+    "d2d -> d2s -> pd (kto)": [*ARMS["d2d -> d2s"], ("pd", PD_SHARE, {"pref_loss": "kto"})],
+    "d2d -> d2s -> pd (dpo)": [*ARMS["d2d -> d2s"], ("pd", PD_SHARE, {"pref_loss": "dpo"})],
+}
 # the toy teacher's own batch and lr (ToyConfig explains why 5e-4), one micro-batch per step
 TOY_TRAINING = dict(batch_size=ToyConfig.batch_size, grad_accum=1, lr=ToyConfig.lr)
+TOY_PD_LR = ToyConfig.lr / 10  # Table 10: preference distillation's lr is a tenth of mimic distillation's
 
 
 def run_arm(name: str, student: Path, cache: Path, image_root: Path, out: Path, steps: int, seed: int,
-            done: dict[tuple, Path], log=print) -> Path:
+            done: dict[tuple, Path], log=print, arms: dict = ARMS) -> Path:
     """Trains the arm's stages in order; a stage prefix another arm already trained is reused."""
     current, prefix = student, ()
-    for stage, share, overrides in ARMS[name]:
+    for stage, share, overrides in arms[name]:
         prefix = (*prefix, (stage, share, tuple(sorted(overrides.items()))))
         if prefix not in done:
             run_dir = out / "runs" / f"{len(done):02d}-{stage}"
             cfg = stage_config(stage, cache=cache, student=str(current), out=run_dir, image_root=image_root,
                                max_steps=max(1, round(share * steps)), seed=seed, save_every=steps,
-                               **{**TOY_TRAINING, **overrides})
-            log(f"[kd-vs-sft] {name}: {stage} for {cfg.max_steps} steps from {current}")
+                               **{**TOY_TRAINING, **({"lr": TOY_PD_LR} if stage == "pd" else {}), **overrides})
+            log(f"[train] {name}, seed {seed}: {stage} for {cfg.max_steps} steps from {current}")
             done[prefix] = train(cfg, log=log)
         current = done[prefix]
     return current
@@ -64,4 +77,21 @@ def kd_vs_sft(teacher: Path, student: Path, cache: Path, world: Path, out: Path,
         results[name] = {**evaluate(path, world, limit), **parameters(path), "model": str(path)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(comparison_table(results) + "\n")
+    return results
+
+
+def mimic_vs_pd(teacher: Path, student: Path, cache: Path, world: Path, out: Path, steps: int, seeds: int,
+                limit: int | None = None, log=print) -> dict:
+    """PD_ARMS for seeds 0..seeds-1 (seed: routers, data order, jitter); results.json per seed and a summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher), "model": str(teacher)}]}
+    for seed in range(seeds):
+        done: dict[tuple, Path] = {}
+        seed_out = out / f"seed{seed}"
+        for name in PD_ARMS:
+            path = run_arm(name, student, cache, world, seed_out, steps, seed, done, log, PD_ARMS)
+            log(f"[mimic-vs-pd] seed {seed}: evaluating {name} ({path})")
+            results.setdefault(name, []).append({**evaluate(path, world, limit), **parameters(path), "model": str(path)})
+        (out / "results.json").write_text(json.dumps(results, indent=1))  # after every seed: partial runs are kept
+    (out / "report.md").write_text(seeds_table(results) + "\n")
     return results

@@ -49,6 +49,37 @@ def comparison_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+SEED_COLUMNS = {  # column -> value of one evaluation; POPE values are means over the three splits
+    "EM overall": lambda r: r["exact_match"]["overall"],
+    "POPE F1": lambda r: _pope_mean(r, "f1"),
+    "POPE acc": lambda r: _pope_mean(r, "accuracy"),
+    "POPE yes-ratio": lambda r: _pope_mean(r, "yes_ratio"),
+    "CHAIR_s": lambda r: r["chair"]["chair_s"],
+    "CHAIR_i": lambda r: r["chair"]["chair_i"],
+    "object recall": lambda r: r["chair"]["recall"],
+}
+
+
+def seeds_table(results: dict[str, list[dict]]) -> str:
+    """One row per arm: mean +- sample std over its runs (seeds) of each SEED_COLUMNS value, and n."""
+    head = ["arm", *SEED_COLUMNS, "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in results.items():
+        cells = [name]
+        for value in SEED_COLUMNS.values():
+            xs = [value(r) for r in runs]
+            mean = sum(xs) / len(xs)
+            std = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+            cells.append(f"{mean:.3f} ± {std:.3f}" if len(xs) > 1 else f"{mean:.3f}")
+        lines.append("| " + " | ".join([*cells, str(len(runs))]) + " |")
+    return "\n".join(lines)
+
+
+def _pope_mean(r: dict, key: str) -> float:
+    splits = [r["pope"][s][key] for s in POPE_SPLITS if s in r["pope"]]
+    return sum(splits) / len(splits)
+
+
 if __name__ == "__main__":
     import sys
 
