@@ -28,7 +28,6 @@ import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from transformers import AutoTokenizer
 
 from common import TEXT_DIR, llava_records, machine, machine_line, passages, save_results, write_jsonl

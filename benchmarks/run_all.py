@@ -54,8 +54,16 @@ def student_step(r: dict) -> list[str]:
             f"{mm['offline']['peak_bytes'] / 2**20:.0f} vs {mm['online']['peak_bytes'] / 2**20:.0f} MiB above the shared student)"]
 
 
+def reader(r: dict) -> list[str]:
+    workers = ", ".join(f"{t['median_data_wait_share']:.2f} with {t['workers']} worker(s)" for t in r["trainer"])
+    return [f"reader, toy world cache ({r['reader']['records']} records, {r['reader']['positions']} positions, top-20):",
+            f"  Cache.records()          {r['reader']['positions_per_s']:,.0f} positions/s (one thread)",
+            f"  BatchStream batches      {r['batches']['positions_per_s']:,.0f} positions/s with images and collation (one thread)",
+            f"  trainer data-wait share  {workers} (toy 0.25M student, batch {r['batch_size']}: an upper bound)"]
+
+
 BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size,
-              "student_step": student_step}
+              "student_step": student_step, "reader": reader}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[2])

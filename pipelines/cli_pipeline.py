@@ -1,30 +1,24 @@
 """`mod-pipeline demo`: the whole offline pipeline on the built-in toy world, on CPU, nothing downloaded.
 
-    mod-pipeline demo --out runs/demo          # toy world + teacher (cached), SFT baseline, eval, extraction, inspect
+    mod-pipeline demo --out runs/demo          # teacher, one extraction, SFT baseline, init -> d2d -> d2s -> pd, eval
     mod-pipeline demo --smoke                  # the same at CI size, under 2 minutes
     mod-pipeline toy                           # only build (or reuse) the toy world and the trained toy teacher
+    mod-pipeline reproduce --out runs/reproduce  # LLaVA-MoD's ablations, 3 seeds, the paper's numbers beside ours
     mod-pipeline kd-vs-sft --out runs/kd-vs-sft  # KD against SFT at equal steps from one cache (LLaVA-MoD Table 5)
     mod-pipeline mimic-vs-pd --out runs/mimic-vs-pd  # d2s against d2s + pd (kto, dpo), 3 seeds (Tables 4, 15-16)
-
-Still to come (issue 6): the distilled student stages (init, d2d, d2s, pd) inside the demo; until then
-`mod-pipeline kd-vs-sft` runs them against SFT from one cache.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import typer
 
-from modkd.extract.run import ExtractConfig, run as extract
-from modkd.pipelines.cli_store import inspect as inspect_cache
-from modkd.pipelines.toyworld.build import BIG, ToyConfig, build_toy, student_init, student_sft
+from modkd.pipelines.toyworld.build import BIG, ToyConfig, build_toy, student_init, toy_cache
 from modkd.pipelines.toyworld.compare import kd_vs_sft as run_kd_vs_sft, mimic_vs_pd as run_mimic_vs_pd
-from modkd.pipelines.toyworld.evaluate import evaluate
-from modkd.pipelines.toyworld.report import comparison_table, parameters, seeds_table
-from modkd.store import Cache
+from modkd.pipelines.toyworld.demo import DEMO, DEMO_STEPS, demo as run_demo
+from modkd.pipelines.toyworld.report import comparison_table, seeds_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 SMOKE = ToyConfig(n_train_images=48, n_eval_images=8, n_pref=8, steps=30)  # exercises every step, proves nothing about quality
@@ -46,33 +40,18 @@ def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few trainin
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="where the cache and results go"),
+    out: Path = typer.Option(Path("runs/demo"), help="cache, runs (checkpoints, TensorBoard), plots, results"),
     smoke: bool = typer.Option(False, help="CI-sized world and a few training steps: checks the plumbing only"),
-    shards: int = typer.Option(8, min=1),
+    steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S (SFT S; init + d2d + d2s S; pd S/10)"),
 ):
-    """Toy world -> trained teacher -> plain-SFT student baseline -> evaluation -> one extraction -> inspect."""
-    cfg = SMOKE if smoke else ToyConfig()
-    _log(f"demo config: {json.dumps(cfg.__dict__)}")
-    _log("[1/5] toy world and toy teacher")
-    toy = build_toy(cfg, log=_log)
-    _log("[2/5] small student trained by plain SFT on the same data and steps (the baseline to beat)")
-    sft = student_sft(toy, log=_log)
-    _log("[3/5] evaluating on held-out images (greedy decoding)")
-    limit = None if not smoke else 16
-    results = {name: {**evaluate(path, toy.world, limit), **parameters(path)}
-               for name, path in (("teacher", toy.teacher), ("student (SFT)", sft))}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    _log(f"[4/5] extracting the teacher's top-20 log-probs over every position into {out / 'cache'}")
-    summary = extract(ExtractConfig(teacher=str(toy.teacher), data=toy.world / "train.jsonl", out=out / "cache",
-                                    image_root=toy.world, shards=shards, top_k=20, positions="all"))
-    totals = summary["manifest"]["totals"]
-    _log(f"      {totals['records_written']} records, {totals['positions']} positions, {totals['bytes']} bytes")
-    _log("[5/5] the cache")
-    inspect_cache(out / "cache", as_json=False)
-    typer.echo("\n" + comparison_table(results))
-    typer.echo(f"\nresults: {out / 'results.json'}\ncache:   {out / 'cache'} (mod-store inspect / verify)\n"
-               f"teacher: {toy.teacher}\nSFT student: {sft}")
+    """Toy world -> teacher -> one extraction -> SFT baseline and init -> d2d -> d2s -> pd -> evaluation -> plots."""
+    summary = run_demo(SMOKE if smoke else DEMO, out, 20 if smoke else steps, 16 if smoke else None, log=_log)
+    typer.echo("\n" + comparison_table(summary["results"]))
+    typer.echo(f"\nresults:     {out / 'results.json'}, {out / 'report.md'}\n"
+               f"cache:       {summary['cache']} (mod-store inspect / verify)\n"
+               f"checkpoints: {summary['runs']}/*/checkpoints, final models in {summary['runs']}/*/final\n"
+               f"TensorBoard: tensorboard --logdir {summary['runs']}\n"
+               f"plots:       {summary['plot']}")
 
 
 @app.command(name="kd-vs-sft")
@@ -88,11 +67,7 @@ def kd_vs_sft(
         raise typer.BadParameter("--teacher must be small or big")
     toy = build_toy(SMOKE if smoke else BIG if teacher == "big" else ToyConfig(), log=_log)
     student = student_init(toy, log=_log)
-    cache = out / "cache"
-    if not (cache / "manifest.json").is_file():
-        _log(f"extracting the teacher's top-20 log-probs over every position into {cache}")
-        extract(ExtractConfig(teacher=str(toy.teacher), data=toy.world / "train.jsonl", out=cache,
-                              image_root=toy.world, shards=8, top_k=20, positions="all"))
+    cache = toy_cache(toy, out / "cache", log=_log)
     results = run_kd_vs_sft(toy.teacher, student, cache, toy.world, out, steps, seed, 16 if smoke else None, log=_log)
     typer.echo("\n" + comparison_table(results) + f"\n\nresults: {out / 'results.json'}, {out / 'report.md'}")
 
@@ -107,16 +82,26 @@ def mimic_vs_pd(
     """d2d -> d2s against d2d -> d2s -> pd with KTO and with DPO, teacher-free, over seeds; mean and std."""
     toy = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
     student = student_init(toy, log=_log)
-    cache = out / "cache"
-    settings = dict(teacher=str(toy.teacher), out=cache, image_root=toy.world, shards=8)
-    if not (cache / "manifest.json").is_file():
-        _log(f"extracting the teacher's top-20 log-probs over every position into {cache}")
-        extract(ExtractConfig(data=toy.world / "train.jsonl", top_k=20, positions="all", **settings))
-    if Cache.open(cache).preference_manifest is None:
-        _log(f"extracting the teacher's reference log-probs of the world's preference pairs into {cache}/preference")
-        extract(ExtractConfig(data=toy.world / "pref.jsonl", **{**settings, "shards": 2}))
+    cache = toy_cache(toy, out / "cache", log=_log)
     results = run_mimic_vs_pd(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
     typer.echo("\n" + seeds_table(results) + f"\n\nresults: {out / 'results.json'}, {out / 'report.md'}")
+
+
+@app.command()
+def reproduce(
+    out: Path = typer.Option(Path("runs/reproduce"), help="cache, seed*/runs, results.json, report.md, plots/"),
+    steps: int = typer.Option(1000, min=2, help="mimic steps S per arm (d2d S/2 + d2s S/2); pd adds S/10"),
+    seeds: int = typer.Option(3, min=1, help="seeds 0..N-1"),
+    smoke: bool = typer.Option(False, help="CI-sized world, a few steps: checks the plumbing only"),
+):
+    """LLaVA-MoD's ablations (Tables 4-8, 12-16) and offline vs online KD on the toy world, from one cache."""
+    from modkd.pipelines.toyworld.reproduce import reproduce as run_reproduce
+
+    toy = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
+    student = student_init(toy, log=_log)
+    cache = toy_cache(toy, out / "cache", log=_log)
+    run_reproduce(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
+    typer.echo("\n" + (out / "report.md").read_text() + f"\nresults: {out / 'results.json'}, {out / 'report.md'}")
 
 
 def main():

@@ -117,6 +117,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     while step < cfg.max_steps:
         started = time.perf_counter()
         micro = [next(batches).to(accelerator.device) for _ in range(cfg.grad_accum)]
+        data_wait = time.perf_counter() - started  # reading, decoding, images and collation (num_workers=0: all of it)
         for b in micro:
             streams[b.stream_state["worker"]] = b.stream_state["state"]
         if preference:
@@ -138,9 +139,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            tokens = losses.pop("tokens")
+            tokens, elapsed = losses.pop("tokens"), time.perf_counter() - started
             scalars = {**losses, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "tokens_per_s": tokens / (time.perf_counter() - started)}
+                       "tokens_per_s": tokens / elapsed, "data_wait_share": data_wait / elapsed}
             _log_scalars(accelerator, cfg.out, step, scalars, tap, mask)
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             checkpoint.save(accelerator, cfg.out, step, streams)

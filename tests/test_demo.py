@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -23,19 +24,25 @@ def home(tmp_path_factory):
 def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch, home):
     monkeypatch.setenv("MODKD_HOME", str(home))
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out), "--shards", "3"])
+    result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+    for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in result.output
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"teacher", "student (SFT)"}
-    assert results["teacher"]["params_total"] > results["student (SFT)"]["params_total"]
+    assert list(results) == ["toy teacher", "student, SFT only", "student, init -> d2d -> d2s",
+                             "student, init -> d2d -> d2s -> pd"]
+    distilled, sft = results["student, init -> d2d -> d2s -> pd"], results["student, SFT only"]
+    assert distilled["params_active"] < distilled["params_total"] and sft["params_active"] == sft["params_total"]
     cache = Cache.open(out / "cache")
     t = cache.manifest["totals"]
     assert t["records_written"] == t["records_in"] > 0 and t["records_rejected"] == 0
-    assert "| teacher |" in result.output and "| student (SFT) |" in result.output
-    again = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out), "--shards", "3"])
-    assert again.exit_code == 0 and "reusing" in again.output  # the toy teacher is trained once, then cached
+    assert cache.num_preference_records > 0
+    stages = [json.loads((run / "train_config.json").read_text())["stage"] for run in sorted((out / "runs").iterdir())]
+    assert stages == ["sft", "init", "d2d", "d2s", "pd"]
+    assert all(list((run / "tensorboard").rglob("events.*")) for run in (out / "runs").iterdir())
+    assert (out / "plots" / "training.png").stat().st_size > 0
+    for line in ("| toy teacher |", "| student, SFT only |", "| student, init -> d2d -> d2s -> pd |", "TensorBoard:"):
+        assert line in result.output
 
 
 def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch, home):
@@ -43,6 +50,7 @@ def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch, 
     out = tmp_path / "kd"
     result = CliRunner().invoke(app, ["kd-vs-sft", "--smoke", "--steps", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "teacher: reusing" in result.output  # the demo test trained the smoke teacher; later runs reuse it
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"teacher", "sft", "sft -> sft-moe", "d2d -> d2s", "d2d -> d2s(sft)"}
     sparse = results["d2d -> d2s"]
@@ -68,3 +76,19 @@ def test_mimic_vs_pd_smoke_trains_pd_from_the_cache_over_seeds(tmp_path, monkeyp
         assert [(c["pref_loss"], c["max_steps"], c["seed"]) for c in configs] == [("kto", 2, seed), ("dpo", 2, seed)]
     assert Cache.open(out / "cache").num_preference_records == 8
     assert "± " in (out / "report.md").read_text()
+
+
+def test_reproduce_smoke_reports_every_paper_comparison(tmp_path, monkeypatch, home):
+    from modkd.pipelines.toyworld.reproduce import COMPARISONS, arms
+
+    monkeypatch.setenv("MODKD_HOME", str(home))
+    out = tmp_path / "reproduce"
+    result = CliRunner().invoke(app, ["reproduce", "--smoke", "--steps", "10", "--seeds", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert {name: len(runs) for name, runs in results.items()} == {"teacher": 1, **{name: 2 for name in arms(Path("t"))}}
+    report = (out / "report.md").read_text()
+    assert report.count("\n| Table ") + report.count("\n| not in the papers") == len(COMPARISONS)
+    assert "agrees" in report and all((out / "plots" / f"{s}.png").is_file() for s in ("d2d", "sft", "d2s", "pd"))
+    configs = [json.loads((run / "train_config.json").read_text()) for run in (out / "seed0" / "runs").iterdir()]
+    assert [c["stage"] for c in configs if c["online_teacher"]] == ["d2d"]  # one run loads the teacher: online KD

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import AutoModelForImageTextToText
 
+from modkd.extract.run import ExtractConfig, run as extract
 from modkd.extract.teacher import LOCAL_PRESETS, modkd_home
 
 from .models import BIG_TEACHER_LLM, STUDENT_LLM, TEACHER_LLM, build_model, train_tokenizer
@@ -111,3 +112,16 @@ def student_init(toy: Toy, log=print) -> Path:
     student.save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+def toy_cache(toy: Toy, cache: Path, shards: int = 8, log=print) -> Path:
+    """The one extraction every toy pipeline trains from: the teacher's top-20 over every position of the
+    training set, and its reference log-probs of the preference pairs (each part skipped once complete)."""
+    settings = dict(teacher=str(toy.teacher), out=cache, image_root=toy.world)
+    if not (cache / "manifest.json").is_file():
+        log(f"[extract] the teacher's top-20 log-probs over every position of {toy.world / 'train.jsonl'} -> {cache}")
+        extract(ExtractConfig(data=toy.world / "train.jsonl", top_k=20, positions="all", shards=shards, **settings))
+    if not (cache / "preference" / "manifest.json").is_file():
+        log(f"[extract] the teacher's reference log-probs of {toy.world / 'pref.jsonl'} -> {cache / 'preference'}")
+        extract(ExtractConfig(data=toy.world / "pref.jsonl", shards=2, **settings))
+    return cache

@@ -48,29 +48,31 @@ TOY_TRAINING = dict(batch_size=ToyConfig.batch_size, grad_accum=1, lr=ToyConfig.
 TOY_PD_LR = ToyConfig.lr / 10  # Table 10: preference distillation's lr is a tenth of mimic distillation's
 
 
-def run_arm(name: str, student: Path, cache: Path, image_root: Path, out: Path, steps: int, seed: int,
-            done: dict[tuple, Path], log=print, arms: dict = ARMS) -> Path:
-    """Trains the arm's stages in order; a stage prefix another arm already trained is reused."""
-    current, prefix = student, ()
-    for stage, share, overrides in arms[name]:
+def run_arm(label: str, stages: list[tuple], student: Path, cache: Path, image_root: Path, out: Path, steps: int,
+            seed: int, done: dict[tuple, Path], log=print) -> list[Path]:
+    """Trains `stages` (stage, share of `steps`, overrides) in order from `student`; returns each stage's final
+    model. A chain prefix already in `done` (same start, same stages) is reused, not retrained."""
+    current, prefix, finals = student, (str(student),), []
+    for stage, share, overrides in stages:
         prefix = (*prefix, (stage, share, tuple(sorted(overrides.items()))))
         if prefix not in done:
             run_dir = out / "runs" / f"{len(done):02d}-{stage}"
             cfg = stage_config(stage, cache=cache, student=str(current), out=run_dir, image_root=image_root,
                                max_steps=max(1, round(share * steps)), seed=seed, save_every=steps,
                                **{**TOY_TRAINING, **({"lr": TOY_PD_LR} if stage == "pd" else {}), **overrides})
-            log(f"[train] {name}, seed {seed}: {stage} for {cfg.max_steps} steps from {current}")
+            log(f"[train] {label}, seed {seed}: {stage} for {cfg.max_steps} steps from {current}")
             done[prefix] = train(cfg, log=log)
         current = done[prefix]
-    return current
+        finals.append(current)
+    return finals
 
 
 def kd_vs_sft(teacher: Path, student: Path, cache: Path, world: Path, out: Path, steps: int, seed: int = 0,
               limit: int | None = None, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, Path] = {}
-    models = {"teacher": teacher, **{name: run_arm(name, student, cache, world, out, steps, seed, done, log)
-                                     for name in ARMS}}
+    models = {"teacher": teacher, **{name: run_arm(name, stages, student, cache, world, out, steps, seed, done, log)[-1]
+                                     for name, stages in ARMS.items()}}
     results = {}
     for name, path in models.items():
         log(f"[kd-vs-sft] evaluating {name} ({path})")
@@ -88,8 +90,8 @@ def mimic_vs_pd(teacher: Path, student: Path, cache: Path, world: Path, out: Pat
     for seed in range(seeds):
         done: dict[tuple, Path] = {}
         seed_out = out / f"seed{seed}"
-        for name in PD_ARMS:
-            path = run_arm(name, student, cache, world, seed_out, steps, seed, done, log, PD_ARMS)
+        for name, stages in PD_ARMS.items():
+            path = run_arm(name, stages, student, cache, world, seed_out, steps, seed, done, log)[-1]
             log(f"[mimic-vs-pd] seed {seed}: evaluating {name} ({path})")
             results.setdefault(name, []).append({**evaluate(path, world, limit), **parameters(path), "model": str(path)})
         (out / "results.json").write_text(json.dumps(results, indent=1))  # after every seed: partial runs are kept

@@ -39,7 +39,8 @@ def generate(model, processor, records: list[dict], image_root: Path, max_new_to
                 content = [{"type": "image"}, {"type": "text", "text": question.removeprefix("<image>\n")}]
                 images.append(Image.open(image_root / rec["image"]).convert("RGB"))
             texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        inputs = processor(images=images or None, text=texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        inputs = processor(images=images or None, text=texts, padding=True, add_special_tokens=False,
+                           return_tensors="pt").to(model.device)
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # (B, T + new)
         answers = processor.tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         out.update({rec["id"]: a.strip() for rec, a in zip(batch, answers)})
@@ -49,7 +50,8 @@ def generate(model, processor, records: list[dict], image_root: Path, max_new_to
 def evaluate(model_dir: Path, world_dir: Path, limit: int | None = None) -> dict:
     paths = world_paths(Path(world_dir))
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     results = {}
     for split, key in (("qa", "eval_qa"), ("pope", "eval_pope"), ("caption", "eval_caption")):
         records = read_jsonl(paths[key])[:limit]

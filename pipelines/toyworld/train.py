@@ -58,8 +58,9 @@ def train_sft(model_dir: Path, data: Path, image_root: Path, out: Path, steps: i
               lr: float = 5e-4, seed: int = 0, warmup: float = 0.03) -> list[float]:
     """Trains every parameter on response tokens; saves model + processor to `out`; returns the loss curve."""
     torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way: the toy is small
     processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model.train()
     records = encode_all(processor, data, image_root)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -73,7 +74,8 @@ def train_sft(model_dir: Path, data: Path, image_root: Path, out: Path, steps: i
         if len(order) < batch_size:  # reshuffle each epoch
             order += rng.sample(range(len(records)), len(records))
         batch, order = [records[i] for i in order[:batch_size]], order[batch_size:]
-        loss = model(**collate(batch, processor.tokenizer.pad_token_id)).loss
+        inputs = {k: v.to(device) for k, v in collate(batch, processor.tokenizer.pad_token_id).items()}
+        loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
