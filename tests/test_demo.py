@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from modkd.pipelines.cli_pipeline import app
+from modkd.pipelines.cli_pipeline import SMOKE, app
+from modkd.pipelines.toyworld.build import build_toy
 from modkd.store import Cache
 
 
@@ -29,20 +30,24 @@ def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch, home):
     for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in result.output
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["toy teacher", "student, SFT only", "student, init -> d2d -> d2s",
+    assert list(results) == ["toy teacher", "student, SFT only (init -> sft -> sft-moe)", "student, init -> d2d -> d2s",
                              "student, init -> d2d -> d2s -> pd"]
-    distilled, sft = results["student, init -> d2d -> d2s -> pd"], results["student, SFT only"]
-    assert distilled["params_active"] < distilled["params_total"] and sft["params_active"] == sft["params_total"]
+    distilled, sft = results["student, init -> d2d -> d2s -> pd"], results["student, SFT only (init -> sft -> sft-moe)"]
+    assert distilled["params_active"] < distilled["params_total"] == sft["params_total"]  # same E4T2 architecture
     cache = Cache.open(out / "cache")
     t = cache.manifest["totals"]
     assert t["records_written"] == t["records_in"] > 0 and t["records_rejected"] == 0
     assert cache.num_preference_records > 0
     stages = [json.loads((run / "train_config.json").read_text())["stage"] for run in sorted((out / "runs").iterdir())]
-    assert stages == ["sft", "init", "d2d", "d2s", "pd"]
+    assert stages == ["init", "sft", "d2s", "d2d", "d2s", "pd"]  # the init stage is shared by both arms
     assert all(list((run / "tensorboard").rglob("events.*")) for run in (out / "runs").iterdir())
     assert (out / "plots" / "training.png").stat().st_size > 0
-    for line in ("| toy teacher |", "| student, SFT only |", "| student, init -> d2d -> d2s -> pd |", "TensorBoard:"):
+    for line in ("| toy teacher |", "| student, SFT only (init -> sft -> sft-moe) |", "| student, init -> d2d -> d2s -> pd |",
+                 "TensorBoard:"):
         assert line in result.output
+    messages = []
+    build_toy(SMOKE, log=messages.append)
+    assert any("teacher: reusing" in m for m in messages)  # trained once, then cached
 
 
 def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch, home):
@@ -50,7 +55,6 @@ def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch, 
     out = tmp_path / "kd"
     result = CliRunner().invoke(app, ["kd-vs-sft", "--smoke", "--steps", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "teacher: reusing" in result.output  # the demo test trained the smoke teacher; later runs reuse it
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"teacher", "sft", "sft -> sft-moe", "d2d -> d2s", "d2d -> d2s(sft)"}
     sparse = results["d2d -> d2s"]

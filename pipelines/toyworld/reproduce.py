@@ -96,8 +96,8 @@ def reproduce(teacher: Path, student: Path, cache: Path, world: Path, out: Path,
             results.setdefault(name, []).append({**evaluate(finals[-1], world, limit), **parameters(finals[-1]),
                                                  "model": str(finals[-1])})
             for (stage, _, _), final in zip(stages, finals):
-                if seed == 0:
-                    stage_runs[stage].setdefault(f"{name}: {stage}", final.parent)
+                if seed == 0 and final.parent not in stage_runs[stage].values():  # a shared stage: one curve
+                    stage_runs[stage][f"{name}: {stage}"] = final.parent
         (out / "results.json").write_text(json.dumps(results, indent=1))  # after every seed: partial runs are kept
     plots = [training_curves(runs, out / "plots" / f"{stage}.png", f"{stage} stage, seed 0")
              for stage, runs in stage_runs.items() if runs]
@@ -130,7 +130,8 @@ def report(results: dict[str, list[dict]], steps: int, plots: list[Path], out: P
         else:
             paper = f"{ref_row} {ref_paper} -> {treat_row} {treat_paper}"
             agrees = (treat_paper - ref_paper) * mean > 0
-            verdict = ("agrees" if agrees else "**disagrees**") + (" (within noise)" if noise else "")
+            verdict = "no difference" if mean == 0 else (
+                ("agrees" if agrees else "**disagrees**") + (" (within noise)" if noise else ""))
         lines.append(f"| {table} | {what} | {metric}{' (lower is better)' if metric in LOWER_IS_BETTER else ''} | "
                      f"{paper} | {ref} {means[0]:.3f} -> {treat} {means[1]:.3f} | {mean:+.3f} ± {std:.3f} | {verdict} |")
     lines += ["", "Plots (seed 0's training curves per stage): " + ", ".join(str(p.relative_to(out)) for p in plots), ""]
