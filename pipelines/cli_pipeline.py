@@ -31,6 +31,12 @@ def _log(msg: str) -> None:
     typer.echo(f"[{time.monotonic() - _START:6.0f}s] {msg}")
 
 
+def _prepared(cfg: ToyConfig, out: Path):
+    """(toy world + teacher, student init, the one cache under OUT/cache), each built once and reused."""
+    toy = build_toy(cfg, log=_log)
+    return toy, student_init(toy, log=_log), toy_cache(toy, out / "cache", log=_log)
+
+
 @app.command()
 def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few training steps")):
     """Build (or reuse) the toy world, tokenizer and trained toy teacher under $MODKD_HOME."""
@@ -65,9 +71,7 @@ def kd_vs_sft(
     """Train the student four ways from one cache (SFT, SFT -> SFT-MoE, d2d -> d2s, d2d -> d2s with CE) and compare."""
     if teacher not in ("small", "big"):
         raise typer.BadParameter("--teacher must be small or big")
-    toy = build_toy(SMOKE if smoke else BIG if teacher == "big" else ToyConfig(), log=_log)
-    student = student_init(toy, log=_log)
-    cache = toy_cache(toy, out / "cache", log=_log)
+    toy, student, cache = _prepared(SMOKE if smoke else BIG if teacher == "big" else ToyConfig(), out)
     results = run_kd_vs_sft(toy.teacher, student, cache, toy.world, out, steps, seed, 16 if smoke else None, log=_log)
     typer.echo("\n" + comparison_table(results) + f"\n\nresults: {out / 'results.json'}, {out / 'report.md'}")
 
@@ -75,15 +79,15 @@ def kd_vs_sft(
 @app.command(name="mimic-vs-pd")
 def mimic_vs_pd(
     out: Path = typer.Option(Path("runs/mimic-vs-pd"), help="cache, runs, results.json and report.md"),
-    steps: int = typer.Option(2000, min=2, help="mimic steps (d2d then d2s, half each); pd adds a tenth of it"),
+    steps: int = typer.Option(2000, min=2, help="mimic steps (d2d then d2s, half each)"),
+    pd_steps: int = typer.Option(200, min=1, help="pd steps after d2s (batch 32: 19 steps = one epoch of the 600 pairs)"),
     seeds: int = typer.Option(3, min=1, help="seeds 0..N-1"),
     smoke: bool = typer.Option(False, help="CI-sized world, a few steps: checks the plumbing only"),
 ):
     """d2d -> d2s against d2d -> d2s -> pd with KTO and with DPO, teacher-free, over seeds; mean and std."""
-    toy = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
-    student = student_init(toy, log=_log)
-    cache = toy_cache(toy, out / "cache", log=_log)
-    results = run_mimic_vs_pd(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
+    toy, student, cache = _prepared(SMOKE if smoke else ToyConfig(), out)
+    results = run_mimic_vs_pd(toy.teacher, student, cache, toy.world, out, steps, seeds, pd_steps,
+                              16 if smoke else None, log=_log)
     typer.echo("\n" + seeds_table(results) + f"\n\nresults: {out / 'results.json'}, {out / 'report.md'}")
 
 
@@ -97,9 +101,7 @@ def reproduce(
     """LLaVA-MoD's ablations (Tables 4-8, 12-16) and offline vs online KD on the toy world, from one cache."""
     from modkd.pipelines.toyworld.reproduce import reproduce as run_reproduce
 
-    toy = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
-    student = student_init(toy, log=_log)
-    cache = toy_cache(toy, out / "cache", log=_log)
+    toy, student, cache = _prepared(SMOKE if smoke else ToyConfig(), out)
     run_reproduce(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
     typer.echo("\n" + (out / "report.md").read_text() + f"\nresults: {out / 'results.json'}, {out / 'report.md'}")
 

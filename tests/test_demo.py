@@ -68,7 +68,8 @@ def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch, 
 def test_mimic_vs_pd_smoke_trains_pd_from_the_cache_over_seeds(tmp_path, monkeypatch, home):
     monkeypatch.setenv("MODKD_HOME", str(home))
     out = tmp_path / "pd"
-    result = CliRunner().invoke(app, ["mimic-vs-pd", "--smoke", "--steps", "20", "--seeds", "2", "--out", str(out)])
+    result = CliRunner().invoke(app, ["mimic-vs-pd", "--smoke", "--steps", "20", "--pd-steps", "2", "--seeds", "2",
+                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert {name: len(runs) for name, runs in results.items()} == {

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from modkd.extract.run import ExtractConfig, run
 from modkd.extract.teacher import gguf_path, load_teacher

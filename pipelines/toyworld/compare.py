@@ -1,4 +1,4 @@
-"""mod-pipeline kd-vs-sft --out runs/kd-vs-sft [--steps 2000]; mod-pipeline mimic-vs-pd --out runs/mimic-vs-pd
+"""mod-pipeline kd-vs-sft --out runs/kd-vs-sft [--steps 2000]; mod-pipeline mimic-vs-pd --out runs/mimic-vs-pd [--pd-steps 200]
 
 KD against SFT on the toy world, from ONE cache, same student init, data, batches and total steps:
 
@@ -37,12 +37,14 @@ ARMS = {
     "d2d -> d2s": [("d2d", 0.5, {}), ("d2s", 0.5, {})],
     "d2d -> d2s(sft)": [("d2d", 0.5, {}), ("d2s", 0.5, {"kd_weight": 0.0})],
 }
-PD_SHARE = 0.1  # pd steps as a share of the mimic steps: 200 of 2,000 = ~10 epochs of the world's 600 pairs
-PD_ARMS = {
-    "d2d -> d2s": ARMS["d2d -> d2s"],
-    "d2d -> d2s -> pd (kto)": [*ARMS["d2d -> d2s"], ("pd", PD_SHARE, {"pref_loss": "kto"})],
-    "d2d -> d2s -> pd (dpo)": [*ARMS["d2d -> d2s"], ("pd", PD_SHARE, {"pref_loss": "dpo"})],
-}
+def pd_arms(pd_steps: int, steps: int) -> dict[str, list[tuple]]:
+    """d2d -> d2s, and the same followed by `pd_steps` of pd with KTO and with DPO (mimic-vs-pd's arms)."""
+    pd = pd_steps / steps  # run_arm trains round(share * steps) steps
+    return {"d2d -> d2s": ARMS["d2d -> d2s"],
+            "d2d -> d2s -> pd (kto)": [*ARMS["d2d -> d2s"], ("pd", pd, {"pref_loss": "kto"})],
+            "d2d -> d2s -> pd (dpo)": [*ARMS["d2d -> d2s"], ("pd", pd, {"pref_loss": "dpo"})]}
+
+
 # the toy teacher's own batch and lr (ToyConfig explains why 5e-4), one micro-batch per step
 TOY_TRAINING = dict(batch_size=ToyConfig.batch_size, grad_accum=1, lr=ToyConfig.lr)
 TOY_PD_LR = ToyConfig.lr / 10  # Table 10: preference distillation's lr is a tenth of mimic distillation's
@@ -83,14 +85,14 @@ def kd_vs_sft(teacher: Path, student: Path, cache: Path, world: Path, out: Path,
 
 
 def mimic_vs_pd(teacher: Path, student: Path, cache: Path, world: Path, out: Path, steps: int, seeds: int,
-                limit: int | None = None, log=print) -> dict:
-    """PD_ARMS for seeds 0..seeds-1 (seed: routers, data order, jitter); results.json per seed and a summary."""
+                pd_steps: int, limit: int | None = None, log=print) -> dict:
+    """pd_arms for seeds 0..seeds-1 (seed: routers, data order, jitter); results.json per seed and a summary."""
     out.mkdir(parents=True, exist_ok=True)
     results = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher), "model": str(teacher)}]}
     for seed in range(seeds):
         done: dict[tuple, Path] = {}
         seed_out = out / f"seed{seed}"
-        for name, stages in PD_ARMS.items():
+        for name, stages in pd_arms(pd_steps, steps).items():
             path = run_arm(name, stages, student, cache, world, seed_out, steps, seed, done, log)[-1]
             log(f"[mimic-vs-pd] seed {seed}: evaluating {name} ({path})")
             results.setdefault(name, []).append({**evaluate(path, world, limit), **parameters(path), "model": str(path)})
