@@ -48,7 +48,7 @@ def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few trainin
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="cache, runs (checkpoints, TensorBoard), plots, results"),
     smoke: bool = typer.Option(False, help="CI-sized world and a few training steps: checks the plumbing only"),
-    steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S (SFT S; init + d2d + d2s S; pd S/10)"),
+    steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S per arm (init + sft + sft-moe, or init + d2d + d2s); pd adds S/20"),
 ):
     """Toy world -> teacher -> one extraction -> SFT baseline and init -> d2d -> d2s -> pd -> evaluation -> plots."""
     summary = run_demo(SMOKE if smoke else DEMO, out, 20 if smoke else steps, 16 if smoke else None, log=_log)

@@ -29,11 +29,11 @@ from .evaluate import evaluate
 from .plots import training_curves
 from .report import comparison_table, parameters
 
-DEMO = ToyConfig(steps=1000)  # half the default teacher's steps: a fresh demo fits in 10 minutes on 2 cores
-DEMO_STEPS = 800  # student steps S per arm: init S/10 + 9S/20 + 9S/20; pd adds S/20
+DEMO = ToyConfig(steps=800)  # 40% of the default teacher's steps: a fresh demo fits in 10 minutes on 2 cores
+DEMO_STEPS = 600  # student steps S per arm: init S/10 + 9S/20 + 9S/20; pd adds S/20
 INIT = ("init", 0.1, {})  # shared by both arms (trained once)
 SFT_ONLY = [INIT, ("sft", 0.45, {}), ("d2s", 0.45, {"kd_weight": 0.0})]
-# pd: 40 steps = ~2 epochs of the 600 pairs; longer pd collapses the toy's captions (README, preference section)
+# pd: S/20 = 30 steps = ~1.5 epochs of the 600 pairs; longer pd collapses the toy's captions (README, preference section)
 DISTILLED = [INIT, ("d2d", 0.45, {}), ("d2s", 0.45, {}), ("pd", 0.05, {})]
 
 
