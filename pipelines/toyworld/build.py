@@ -91,11 +91,6 @@ def trained(out: Path, name: str, llm: dict, world: Path, cfg: ToyConfig, log=pr
     return out
 
 
-def student_sft(toy: Toy, log=print) -> Path:
-    """The plain-SFT baseline: the small student architecture trained exactly like the teacher."""
-    return trained(toy.root / "student-sft", "student (plain SFT)", STUDENT_LLM, toy.world, toy.config, log)
-
-
 def student_init(toy: Toy, log=print) -> Path:
     """The dense student before any training: the student LLM (random, the toy has no pretrained small LLM),
     a fresh projector, and the teacher's trained vision tower, which plays LLaVA-MoD's shared pretrained CLIP."""
