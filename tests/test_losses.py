@@ -161,8 +161,8 @@ def test_student_logprobs_chunked_equals_unchunked():
         results.append((outs, hidden.grad, weight.grad))
     (outs_c, gh_c, gw_c), (outs_u, gh_u, gw_u) = results
     assert [o.shape for o in outs_c] == [(n, k), (n,), (n,)]
-    for a, b in zip(outs_c, outs_u):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    for a, b in zip(outs_c, outs_u):  # the lm_head matmul may round differently per chunk shape (seen on AMD EPYC
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # BLAS: 9.5e-7 on a tail log-prob near 0): fp32 noise
     # the weight gradient is accumulated over chunks in another order: fp32 summation-order noise only
     torch.testing.assert_close(gh_c, gh_u, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gw_c, gw_u, rtol=1e-5, atol=1e-6)
