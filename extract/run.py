@@ -7,6 +7,9 @@ any launcher (torchrun, SLURM arrays, Ray) runs disjoint shard sets. Each shard 
 temporary name and renamed when complete, then its completion marker is written; a rerun skips
 shards that have a marker and redoes the rest. Whoever completes the last shard writes manifest.json.
 
+The teacher runs under transformers (`--backend hf`, anywhere) or vLLM (`--backend vllm`,
+extract/vllm_backend.py); `auto` takes vLLM when it imports. Both write the same records.
+
 A data file of preference pairs (records with "chosen" and "rejected", see extract/preference.py) is
 recognised as such and written as the cache's preference part (cache/preference/, its own manifest),
 so one --out directory can hold a distillation extraction and a preference extraction side by side.
@@ -14,6 +17,7 @@ so one --out directory can hold a distillation extraction and a preference extra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -40,12 +44,14 @@ from modkd.store import (
 )
 
 from .encode import Encoded, Encoder, Rejected, select_positions
-from .hf_backend import HFBackend, batches
+from .hf_backend import HFBackend
 from .preference import PreferenceEncoder, is_preference_data, mismatched_partners, score_pairs
 from .records import RawRecord, iter_shard, read_records
 from .teacher import Teacher, load_teacher
+from .vllm_backend import VLLMBackend, VLLMOptions, engine_info
 
 WINDOW_BATCHES = 16  # records are encoded, length-sorted and batched in windows of this many batches: less padding, bounded memory
+BACKENDS = ("auto", "hf", "vllm")
 
 
 @dataclass
@@ -65,26 +71,58 @@ class ExtractConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
     trust_remote_code: bool = False  # never run a checkpoint's own Python unless asked
+    backend: str = "auto"  # auto: vllm when it imports (the fast path on GPUs), else hf
+    vllm: VLLMOptions | None = None  # engine options for --backend vllm (None: VLLMOptions())
 
 
-def run(cfg: ExtractConfig, teacher: Teacher | None = None) -> dict:
-    """Process this worker's shards; returns a summary (and the manifest once every shard is done)."""
+def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend | VLLMBackend | None = None,
+        log=print) -> dict:
+    """Process this worker's shards; returns a summary (and the manifest once every shard is done).
+
+    `teacher` and `backend` may be passed in to serve several extractions (distillation and preference data,
+    benchmarks) with one loaded teacher; a backend passed in is not closed here."""
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise ValueError(f"--worker-index {cfg.worker_index} must be in [0, --num-workers {cfg.num_workers})")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
     records = read_records(cfg.data)
+    backend_name = resolve_backend(cfg.backend)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    if backend is not None and (isinstance(backend, HFBackend) != (backend_name == "hf") or backend.top_k != cfg.top_k):
+        raise ValueError(f"the backend passed in ({type(backend).__name__}, top-k {backend.top_k}) is not the one "
+                         f"configured (--backend {backend_name}, --top-k {cfg.top_k})")
+    engine = {"backend": "hf"} if backend_name == "hf" else {"backend": "vllm", "vllm": engine_info()}
+    log(f"[extract] backend {backend_name}: " + (
+        "transformers" if backend_name == "hf" else f"vLLM {engine['vllm']['version']}, {engine['vllm']['logprobs_mode']}"))
     if teacher is None:
-        dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-        teacher = load_teacher(cfg.teacher, dtype, device, cfg.trust_remote_code)
+        teacher = load_teacher(cfg.teacher, dtype, device, cfg.trust_remote_code, load_weights=backend_name == "hf")
     preference = is_preference_data(records)
     subdir = PREFERENCE_SUBDIR if preference else SHARDS_SUBDIR
-    header = _header(cfg, teacher, preference)
+    header = _header(cfg, teacher, preference, engine)
     _claim_out_dir(cfg.out / ("" if subdir == SHARDS_SUBDIR else subdir), header)
-    backend = HFBackend(teacher, cfg.top_k)
 
     mine = [s for s in range(cfg.shards) if s % cfg.num_workers == cfg.worker_index]
     todo = [s for s in mine if not shard_paths(cfg.out, s, cfg.shards, subdir)[2].exists()]
+    if todo:
+        own = backend is None  # started here (not before: a rerun with nothing to do never starts an engine)
+        if own:
+            backend = HFBackend(teacher, cfg.top_k, cfg.batch_size) if backend_name == "hf" else VLLMBackend(
+                teacher, cfg.top_k, str(dtype).removeprefix("torch."), cfg.vllm or VLLMOptions(), cfg.trust_remote_code,
+                log)
+        try:
+            _extract_shards(cfg, todo, records, teacher, backend, preference, subdir)
+        finally:
+            if own:
+                backend.close()
+    manifest = finalize_manifest(cfg.out, cfg.shards, header, subdir)
+    return {"shards_mine": len(mine), "shards_skipped": len(mine) - len(todo), "shards_done_now": len(todo),
+            "preference": preference, "backend": backend_name, "manifest": manifest}
+
+
+def _extract_shards(cfg: ExtractConfig, todo: list[int], records: list[RawRecord], teacher: Teacher, backend,
+                    preference: bool, subdir: str) -> None:
     shard_records = {s: list(iter_shard(records, s, cfg.shards)) for s in todo}
     total = sum(len(raws) for raws in shard_records.values())
     kind = "preference pairs" if preference else "records"
@@ -95,17 +133,22 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None) -> dict:
             if preference:
                 partners = mismatched_partners(raws)  # KTO's pairing: fixed by the shard's records alone
                 _extract_shard(cfg, s, raws, lambda raw: encoder.encode_pair(raw, partners[raw.index]),
-                               lambda encoded: score_pairs(encoded, backend, cfg.batch_size), bar, subdir)
+                               lambda encoded: score_pairs(encoded, backend), bar, subdir)
             else:
                 _extract_shard(cfg, s, raws, encoder.encode, lambda encoded: _distil(encoded, backend, cfg), bar,
                                subdir)
-    manifest = finalize_manifest(cfg.out, cfg.shards, header, subdir)
-    return {"shards_mine": len(mine), "shards_skipped": len(mine) - len(todo), "shards_done_now": len(todo),
-            "preference": preference, "manifest": manifest}
+
+
+def resolve_backend(choice: str) -> str:
+    """`auto` is vllm when vLLM is installed (its import is checked without importing it), else hf."""
+    if choice != "auto":
+        return choice
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def _extract_shard(cfg, shard: int, raws: list[RawRecord], encode, process, bar, subdir: str) -> None:
-    """encode(raw) -> an encoded record or Rejected; process(encoded list) -> cache records, in order."""
+    """encode(raw) -> an encoded record or Rejected; process(encoded list) -> a cache record or Rejected for
+    each, in order (a backend may refuse a record too: vLLM's prompt differing from the processor's)."""
     parquet, rejects_path, _ = shard_paths(cfg.out, shard, cfg.shards, subdir)
     parquet.parent.mkdir(parents=True, exist_ok=True)
     for stale in parquet.parent.glob(f".{parquet.stem}*"):  # temporaries of a killed run
@@ -116,28 +159,39 @@ def _extract_shard(cfg, shard: int, raws: list[RawRecord], encode, process, bar,
     with ShardWriter(parquet, schema=schema, row_group_size=cfg.row_group_size) as writer:
         for start in range(0, len(raws), window):
             chunk = raws[start : start + window]
-            encoded = []
+            encoded, kept = [], []
             for raw in chunk:
                 try:
                     encoded.append(encode(raw))
+                    kept.append(raw)
                 except Rejected as r:
-                    rejects.append({"index": raw.index, "sample_id": raw.sample_id, "line": raw.line,
-                                    "kind": r.kind, "reason": r.reason})
-            for rec in process(encoded):
-                writer.write(rec)
+                    rejects.append(_reject(raw, r))
+            for raw, rec in zip(kept, process(encoded)):
+                if isinstance(rec, Rejected):
+                    rejects.append(_reject(raw, rec))
+                else:
+                    writer.write(rec)
             bar.update(len(chunk))
     write_text_atomic(rejects_path, "".join(json.dumps(r) + "\n" for r in rejects))
     write_done_marker(cfg.out, shard, cfg.shards, len(raws), dict(Counter(r["kind"] for r in rejects)), writer.stats,
                       subdir)
 
 
-def _distil(encoded: list[Encoded], backend: HFBackend, cfg) -> list[DistillRecord]:
-    """Teacher outputs for a window of records, batched by image shape and length, returned in input order."""
+def _reject(raw: RawRecord, r: Rejected) -> dict:
+    return {"index": raw.index, "sample_id": raw.sample_id, "line": raw.line, "kind": r.kind, "reason": r.reason}
+
+
+def _distil(encoded: list[Encoded], backend: HFBackend | VLLMBackend, cfg) -> list[DistillRecord | Rejected]:
+    """Teacher outputs for a window of records, batched as the backend wants, returned in input order."""
     selected = [select_positions(e.token_kinds, cfg.positions) for e in encoded]
-    out: list[DistillRecord | None] = [None] * len(encoded)
-    for batch in batches(encoded, cfg.batch_size):
+    out: list[DistillRecord | Rejected | None] = [None] * len(encoded)
+    for batch in backend.batches(encoded):
         results = backend.run([encoded[j] for j in batch], [selected[j][0] for j in batch])
-        for j, (ids, lps, tgt) in zip(batch, results):
+        for j, result in zip(batch, results):
+            if isinstance(result, Rejected):
+                out[j] = result
+                continue
+            ids, lps, tgt = result
             e = encoded[j]
             out[j] = DistillRecord(
                 sample_id=e.sample_id, input_ids=np.asarray(e.input_ids, dtype=np.int32),
@@ -146,12 +200,12 @@ def _distil(encoded: list[Encoded], backend: HFBackend, cfg) -> list[DistillReco
     return out
 
 
-def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool) -> dict:
+def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool, engine: dict) -> dict:
     fp = teacher.fingerprint
     settings = {"top_k": cfg.top_k, "encoding": "topk", "positions": cfg.positions, "max_length": cfg.max_length,
-                "shards": cfg.shards, "backend": "hf"}
+                "shards": cfg.shards, **engine}
     if preference:  # top-k and positions do not apply: every response token's log-prob is stored
-        settings = {"kind": "preference", "max_length": cfg.max_length, "shards": cfg.shards, "backend": "hf",
+        settings = {"kind": "preference", "max_length": cfg.max_length, "shards": cfg.shards, **engine,
                     "mismatched_pairing": "nearest earlier record in the shard (cyclic) with a different chosen"}
     return {
         "teacher": {k: fp[k] for k in ("name", "source", "config_sha256", "weights_sha256", "vocab_size", "dtype")},

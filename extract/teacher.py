@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,13 @@ PRESETS = sorted([*HUB_PRESETS, *LOCAL_PRESETS, *GGUF_PRESETS])
 
 @dataclass
 class Teacher:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when another engine (vLLM) runs the weights
     tokenizer: object
     processor: object | None  # None for a text-only teacher
     source: str
     fingerprint: dict
+    directory: Path  # the HF directory (or the folder of the GGUF file)
+    gguf: str | None = None  # the GGUF file name inside `directory`, if the weights are one
 
 
 def gguf_path(package: str, filename: str) -> Path:
@@ -94,14 +97,19 @@ def resolve(name: str) -> tuple[Path, str | None]:
         ) from e
 
 
-def load_teacher(name: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False) -> Teacher:
+def load_teacher(name: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
+                 load_weights: bool = True) -> Teacher:
+    """The teacher's tokenizer, processor and fingerprint, and its transformers model unless `load_weights`
+    is False (the vLLM backend loads the weights itself: a 7B teacher must not be in memory twice)."""
     directory, gguf = resolve(name)
     kw = {"gguf_file": gguf} if gguf else {}
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **kw)
     multimodal = hasattr(config, "vision_config")  # LLaVA-style configs carry one; text-only configs do not
-    model_cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    model = model_cls.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
-    model.to(device).eval()
+    model = None
+    if load_weights:
+        model_cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+        model = model_cls.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+        model.to(device).eval()
     if multimodal:
         processor = AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
         tokenizer = processor.tokenizer
@@ -120,7 +128,30 @@ def load_teacher(name: str, dtype: torch.dtype, device: str, trust_remote_code: 
         "weights_sha256": weights_sha256(weight_files),
         "tokenizer_sha256": tokenizer_sha256(tokenizer, template),
         "image_processor_sha256": image_processor_sha256(processor.image_processor if processor else None),
-        "vocab_size": model.get_output_embeddings().weight.shape[0],
+        "vocab_size": config.get_text_config().vocab_size,  # the lm_head's rows (Qwen-7B: 152,064, beyond the tokenizer)
         "dtype": str(dtype).removeprefix("torch."),
     }
-    return Teacher(model, tokenizer, processor, fingerprint["source"], fingerprint)
+    if model is not None and model.get_output_embeddings().weight.shape[0] != fingerprint["vocab_size"]:
+        raise ValueError(f"teacher {name!r}: lm_head has {model.get_output_embeddings().weight.shape[0]} rows but the "
+                         f"config says vocab_size {fingerprint['vocab_size']}")
+    return Teacher(model, tokenizer, processor, fingerprint["source"], fingerprint, directory, gguf)
+
+
+def hf_directory(teacher: Teacher) -> Path:
+    """A directory of safetensors another engine can load: the teacher's own, or, for a GGUF teacher, its
+    dequantised copy, written once under modkd_home()/converted/ (the same float weights transformers uses)."""
+    if teacher.gguf is None:
+        return teacher.directory
+    out = modkd_home() / "converted" / f"{Path(teacher.gguf).stem}-{teacher.fingerprint['weights_sha256'][:16]}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        gguf = AutoModelForCausalLM.from_pretrained(teacher.directory, gguf_file=teacher.gguf, dtype=torch.float32)
+        config = gguf.config
+        del config.quantization_config  # transformers refuses to save a model marked GGUF-quantised; its weights are plain
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        model.save_pretrained(tmp)
+        teacher.tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    return out

@@ -2,6 +2,7 @@
 
     mod-extract --teacher toy-teacher --data world/train.jsonl --image-root world/ --out cache/ --shards 8
     mod-extract --teacher toy-teacher --data world/pref.jsonl --image-root world/ --out cache/   # preference pairs
+    mod-extract --backend vllm --tensor-parallel-size 2 --teacher qwen15-7b-llava ...         # the teacher under vLLM
 
 Thin: parses options into an ExtractConfig, prints it whole, calls `modkd.extract.run.run`.
 """
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import typer
 
-from modkd.extract.run import ExtractConfig, config_dict, run
+from modkd.extract.run import BACKENDS, ExtractConfig, config_dict, run
 from modkd.extract.teacher import PRESETS
+from modkd.extract.vllm_backend import VLLMOptions
 from modkd.store import POSITION_MODES
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
@@ -40,13 +42,27 @@ def extract(
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     trust_remote_code: bool = typer.Option(False, help="allow the checkpoint's own Python code to run"),
+    backend: str = typer.Option("auto", help="hf (transformers) | vllm | auto (vllm when installed, else hf)"),
+    tensor_parallel_size: int = typer.Option(VLLMOptions.tensor_parallel_size, min=1, help="vllm: GPUs per teacher"),
+    gpu_memory_utilization: float = typer.Option(
+        VLLMOptions.gpu_memory_utilization, min=0.05, max=1.0,
+        help="vllm: share of GPU memory for weights + KV cache; the rest holds prompt log-probs, which vLLM does not profile"),
+    max_model_len: int = typer.Option(None, min=2, help="vllm: context length (default: the model's)"),
+    max_num_batched_tokens: int = typer.Option(
+        VLLMOptions.max_num_batched_tokens, min=16,
+        help="vllm: tokens per engine step; bounds prompt log-prob memory (tokens x vocab x 4 B)"),
+    enforce_eager: bool = typer.Option(False, help="vllm: no CUDA graphs / compilation (faster start)"),
 ):
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}")
     if positions not in POSITION_MODES:
         raise typer.BadParameter(f"--positions must be one of {', '.join(POSITION_MODES)}")
     cfg = ExtractConfig(teacher=teacher, data=data, out=out, image_root=image_root, shards=shards, top_k=top_k,
                         positions=positions, batch_size=batch_size, max_length=max_length, num_workers=num_workers,
                         worker_index=worker_index, row_group_size=row_group_size, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, backend=backend,
+                        vllm=VLLMOptions(tensor_parallel_size, gpu_memory_utilization, max_model_len,
+                                         max_num_batched_tokens, enforce_eager))
     typer.echo(f"mod-extract config: {json.dumps(config_dict(cfg))}")
     summary = run(cfg)
     manifest = summary.pop("manifest")

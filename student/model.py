@@ -19,9 +19,12 @@ overrides either choice.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, Qwen2MoeConfig
 
 from .config import STAGES
@@ -35,6 +38,42 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{path}: the student must be a LLaVA model (LlavaForConditionalGeneration), "
                          f"got {type(model).__name__}")
     return model, AutoProcessor.from_pretrained(path)
+
+
+def save_pretrained(model, out: str | Path) -> Path:
+    """`model.save_pretrained(out)`, then its safetensors rewritten in the layout real checkpoints use.
+
+    transformers 5.x writes a LLaVA CLIP tower as `vision_tower.embeddings.*` where the Hub's llava-hf
+    checkpoints (and so vLLM) have `vision_tower.vision_model.*`, and writes zero-size tensors for a
+    Qwen2-MoE shared expert of size 0, which vLLM rejects ("no module or parameter named ...shared_expert").
+    The rewritten files drop the empty tensors and rename the tower; transformers reloads them with the
+    same logits (it lists the empty tensors as missing and rebuilds them empty).
+    """
+    out = Path(out)
+    model.save_pretrained(out)
+    index = out / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    weight_map = {}
+    for name in files:
+        with safe_open(str(out / name), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {_hub_key(k): f.get_tensor(k) for k in f.keys()}
+        tensors = {k: v for k, v in tensors.items() if v.numel() > 0}
+        tmp = out / f".{name}.tmp"
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(out / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        index.write_text(json.dumps(data, indent=2))
+    return out
+
+
+def _hub_key(key: str) -> str:
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+    return key
 
 
 def is_sparse(model: LlavaForConditionalGeneration) -> bool:
@@ -134,5 +173,5 @@ if __name__ == "__main__":
     ap.add_argument("--every", type=int, default=1)
     a = ap.parse_args()
     model, processor = load_student(a.dense)
-    upcycle(model, a.experts, a.top_k, a.every).save_pretrained(a.out)
+    save_pretrained(upcycle(model, a.experts, a.top_k, a.every), a.out)
     processor.save_pretrained(a.out)

@@ -34,7 +34,7 @@ from .checks import check_student_matches_cache
 from .config import TrainConfig
 from .data import Batch, BatchStream
 from .losses import forward_kl, masked_sum, student_logprobs
-from .model import freeze_for, is_sparse, load_student, upcycle
+from .model import freeze_for, is_sparse, load_student, save_pretrained, upcycle
 from .pd import accumulate_preference
 from .routing import RouterTap
 
@@ -243,7 +243,7 @@ def _online_teacher(cfg: TrainConfig, accelerator: Accelerator):
 
 def _save_final(model, processor, final: Path, cfg: TrainConfig) -> None:
     tmp = final.with_name(final.name + ".tmp")
-    model.save_pretrained(tmp)
+    save_pretrained(model, tmp)  # the Hub's layout: vLLM and lmms-eval load it as saved
     processor.save_pretrained(tmp)
     (tmp / "modkd_train_config.json").write_text(json.dumps(cfg.to_json(), indent=1))
     if final.exists():

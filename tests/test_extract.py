@@ -5,6 +5,7 @@ Extraction correctness: cached top-k equals the teacher's full log_softmax; posi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -156,3 +157,25 @@ def test_shard_is_plain_parquet_with_the_documented_schema(all_positions_cache):
     assert table.schema.remove_metadata().equals(DISTILL_SCHEMA.remove_metadata())
     assert pq.ParquetFile(shard).metadata.row_group(0).column(0).compression == "ZSTD"
     assert table.num_rows == all_positions_cache.num_records
+
+
+def test_backend_choice_and_its_errors(tmp_path, text_teacher_dir, mixed_data):
+    """auto is hf where vLLM is not installed (this environment); vllm says how to install it; a top-k above
+    the vocabulary is refused before vLLM would start; the vLLM path needs no transformers weights."""
+    from modkd.extract.run import resolve_backend
+    from modkd.extract.teacher import load_teacher
+    from modkd.extract.vllm_backend import VLLMBackend, VLLMOptions
+
+    assert importlib.util.find_spec("vllm") is None, "this test is for the main environment, without vLLM"
+    assert resolve_backend("auto") == "hf"
+    assert run(ExtractConfig(str(text_teacher_dir), mixed_data, tmp_path / "auto", top_k=4))["backend"] == "hf"
+    with pytest.raises(ImportError, match="vllm-cpu-env.sh"):
+        run(ExtractConfig(str(text_teacher_dir), mixed_data, tmp_path / "v", backend="vllm"))
+    with pytest.raises(ValueError, match="--backend must be one of"):
+        run(ExtractConfig(str(text_teacher_dir), mixed_data, tmp_path / "x", backend="tensorrt"))
+    light = load_teacher(str(text_teacher_dir), torch.float32, "cpu", load_weights=False)
+    full = load_teacher(str(text_teacher_dir), torch.float32, "cpu")
+    assert light.model is None and light.fingerprint == full.fingerprint
+    vocab = light.fingerprint["vocab_size"]
+    with pytest.raises(ValueError, match=f"between 1 and the vocabulary size {vocab}"):
+        VLLMBackend(light, vocab + 1, "float32", VLLMOptions())

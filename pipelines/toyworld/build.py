@@ -18,6 +18,7 @@ from transformers import AutoModelForImageTextToText
 
 from modkd.extract.run import ExtractConfig, run as extract
 from modkd.extract.teacher import LOCAL_PRESETS, modkd_home
+from modkd.student.model import save_pretrained
 
 from .models import BIG_TEACHER_LLM, STUDENT_LLM, TEACHER_LLM, build_model, train_tokenizer
 from .train import train_sft
@@ -104,7 +105,7 @@ def student_init(toy: Toy, log=print) -> Path:
     student = AutoModelForImageTextToText.from_pretrained(tmp)
     teacher = AutoModelForImageTextToText.from_pretrained(toy.teacher)
     student.model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
-    student.save_pretrained(tmp)
+    save_pretrained(student, tmp)
     tmp.rename(out)
     return out
 

@@ -26,6 +26,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from modkd.student.model import save_pretrained
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 VOCAB_SIZE = 384  # the toy world has ~60 words: byte alphabet + merges for whole words, and small logits
 IMAGE_SIZE, PATCH = 48, 16  # one 16-px patch per grid cell: 9 image tokens per image
@@ -90,7 +92,7 @@ def build_model(out: Path, tokenizer: PreTrainedTokenizerFast, llm: dict, seed: 
     model = LlavaForConditionalGeneration(llava_config(tokenizer, llm))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     processor(tokenizer).save_pretrained(out)
     return out
 

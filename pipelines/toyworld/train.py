@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from modkd.extract.encode import RESPONSE, Encoded, Encoder, Rejected
 from modkd.extract.records import read_records
+from modkd.student.model import save_pretrained
 
 IGNORE = -100  # transformers' ignore index for labels
 
@@ -84,7 +85,7 @@ def train_sft(model_dir: Path, data: Path, image_root: Path, out: Path, steps: i
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
-    model.save_pretrained(out)
+    save_pretrained(model, out)
     processor.save_pretrained(out)
     return losses
 
