@@ -123,7 +123,7 @@ def measure(conn, method: str, student_dir: str, teacher_dir: str, cache_dir: st
     from modkd.student.checks import check_student_matches_cache
     from modkd.student.config import TrainConfig
     from modkd.student.data import BatchStream
-    from modkd.student.trainer import HiddenAtPositions, _online_teacher, _precision, accumulate_gradients, build_student
+    from modkd.student.trainer import StudentWithLoss, _online_teacher, _precision, accumulate_gradients, build_student
 
     after_imports = resident()
     stage, kd_weight, lm_weight, online = METHODS[method]
@@ -136,8 +136,8 @@ def measure(conn, method: str, student_dir: str, teacher_dir: str, cache_dir: st
     check_student_matches_cache(Cache.open(cfg.cache), model, processor, cfg.student, cfg.kd_positions)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    wrapped, optimizer = accelerator.prepare(HiddenAtPositions(model), optimizer)
-    lm_head = model.get_output_embeddings().weight  # (V, H)
+    wrapped, optimizer = accelerator.prepare(StudentWithLoss(model, distil=bool(cfg.kd_weight), tail=cfg.tail),
+                                             optimizer)
     stream = iter(BatchStream(cfg.cache, 0, 1, cfg.batch_size, cfg.seed, processor.tokenizer.pad_token_id,
                               None, processor.image_processor))
     batches = [next(stream).to(accelerator.device) for _ in range(args.warmup + args.steps)]
@@ -150,7 +150,7 @@ def measure(conn, method: str, student_dir: str, teacher_dir: str, cache_dir: st
         touch(teacher)
 
     def step(b) -> float:
-        sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, lm_head, [b], None, teacher)
+        sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, [b], teacher)
         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         loss = cfg.kd_weight * sums[0].item() / n_kd + cfg.lm_weight * sums[1].item() / n_lm
         optimizer.step()

@@ -57,6 +57,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.cache, self.out = Path(self.cache), Path(self.out)
+        for f in fields(self):  # YAML and --set read "0" as an int; transformers' strict configs want float fields
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
         self.image_root = None if self.image_root is None else Path(self.image_root)
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")

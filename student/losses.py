@@ -23,7 +23,8 @@ CHUNK_POSITIONS = 1024  # 1024 x 152k fp32 logits = 600 MB per chunk for Qwen's 
 
 
 def _terms(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor, targets: torch.Tensor, tail: bool):
-    logits = F.linear(hidden, weight).float()  # (n, V) fp32
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 matmul: bf16 logits would be rounded before the softmax
+        logits = F.linear(hidden.float(), weight.float())  # (n, V) fp32
     log_z = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
     logq_topk = logits.gather(1, topk_ids) - log_z  # (n, k) fp32
     logq_target = logits.gather(1, targets[:, None])[:, 0] - log_z[:, 0]  # (n,) fp32

@@ -3,8 +3,11 @@
 One optimizer step of preference distillation (LLaVA-MoD section 3.2, DESIGN section 6), teacher-free:
 the reference log-probs are the teacher's, read from the cache's preference records.
 
+`wrapped` is the engine-wrapped StudentWithLoss (student/trainer.py): called on a micro-batch's rows it
+returns their summed response log-probs, its lm_head used inside the wrapped forward.
+
 Per step: (1) for kto, the student scores every micro-batch's mismatched pairs under no_grad (the
-unwrapped model: no DDP bookkeeping), so z is one detached number over the whole global batch, all
+unwrapped module: no DDP bookkeeping), so z is one detached number over the whole global batch, all
 micro-batches and processes; (2) each micro-batch's chosen + rejected rows go through the student with
 gradient, and the per-example losses are summed and divided by the global number of examples (x the
 process count, since DDP averages): the gradient is that of one batch holding every pair. kto_pair's
@@ -19,24 +22,16 @@ import torch
 from accelerate import Accelerator
 
 from .config import TrainConfig
-from .data import PreferenceBatch, Sequences
-from .losses import target_logprobs
-from .preference import dpo_loss, kto_loss, kto_pair_loss, sequence_logprobs
+from .data import PreferenceBatch
+from .preference import dpo_loss, kto_loss, kto_pair_loss
 
 # summed over micro-batches and processes, then divided by the pair count (all but "examples")
 PAIR_STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
               "logps/rejected", "mean_r")
 
 
-def student_sequence_logps(hidden_at_positions, lm_head: torch.Tensor, rows: Sequences) -> torch.Tensor:
-    """The student's summed log-prob of each row's response tokens; (S,) fp32."""
-    hidden = hidden_at_positions(rows)  # (N, H) at the positions predicting response tokens
-    logq = target_logprobs(hidden, lm_head, rows.targets)  # (N,) fp32
-    return sequence_logprobs(logq, rows.sequence_index, rows.ref_logps.shape[0])
-
-
-def accumulate_preference(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm_head: torch.Tensor,
-                          micro: list[PreferenceBatch], tap) -> dict[str, float]:
+def accumulate_preference(cfg: TrainConfig, accelerator: Accelerator, wrapped,
+                          micro: list[PreferenceBatch]) -> dict[str, float]:
     """Backward of one optimizer step's micro-batches; returns the step's loss and diagnostics (global means)."""
     reduce = lambda t: accelerator.reduce(t, "sum")  # noqa: E731
     pairs = float(reduce(torch.tensor([float(len(b.sample_ids)) for b in micro], device=accelerator.device).sum()))
@@ -44,8 +39,8 @@ def accumulate_preference(cfg: TrainConfig, accelerator: Accelerator, wrapped, l
     policy_mismatched = ref_mismatched = None
     if cfg.pref_loss == "kto":
         with torch.no_grad(), accelerator.autocast():
-            model = accelerator.unwrap_model(wrapped)
-            policy_mismatched = torch.cat([_scored(model, lm_head, b.mismatched, tap) for b in micro])  # (M,) fp32
+            module = accelerator.unwrap_model(wrapped)
+            policy_mismatched = torch.cat([module(b.mismatched) for b in micro])  # (M,) fp32
         ref_mismatched = torch.cat([b.mismatched.ref_logps for b in micro])  # (M,) fp64
     sums = torch.zeros(len(PAIR_STATS) + 2, dtype=torch.float64, device=accelerator.device)  # loss, stats, tokens
     z = None
@@ -53,7 +48,7 @@ def accumulate_preference(cfg: TrainConfig, accelerator: Accelerator, wrapped, l
         sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else nullcontext()  # all-reduce on the last only
         with sync:
             with accelerator.autocast():
-                logps = _scored(wrapped, lm_head, b.policy, tap)  # (2B,) fp32: chosen then rejected
+                logps = wrapped(b.policy)  # (2B,) fp32: chosen then rejected
             B, ref = len(b.sample_ids), b.policy.ref_logps
             if cfg.pref_loss == "kto":
                 desirable = torch.arange(2 * B, device=logps.device) < B  # (2B,) chosen rows are desirable
@@ -73,12 +68,6 @@ def accumulate_preference(cfg: TrainConfig, accelerator: Accelerator, wrapped, l
     if z is not None:
         scalars["z"] = float(z)  # KTO's reference point, the same for every micro-batch of the step
     return scalars
-
-
-def _scored(model, lm_head: torch.Tensor, rows: Sequences, tap) -> torch.Tensor:
-    if tap is not None:
-        tap.reset()  # router logits of this forward only (expert-load logging reads the last one)
-    return student_sequence_logps(model, lm_head, rows)
 
 
 def _pair_stats(logps: torch.Tensor, ref: torch.Tensor, B: int, beta: float) -> torch.Tensor:

@@ -10,6 +10,11 @@ equals the one of a single batch holding all tokens, whatever the split (test: 4
 
 Loss = kd_weight * KL(teacher || student) / #distilled + lm_weight * CE / #response + aux_coef * aux.
 Stage pd streams the cache's preference pairs instead and takes its step from student/pd.py.
+
+The engine (DDP; FSDP and DeepSpeed likewise) wraps `StudentWithLoss`, whose forward runs the student AND
+its chunked lm_head and losses: every parameter use, an untied lm_head's included, happens inside the
+forward the engine wraps (an lm_head used outside it is marked ready twice under DDP and is sharded away
+under FSDP / ZeRO-3).
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from . import checkpoint
 from .checks import check_student_matches_cache
 from .config import TrainConfig
 from .data import Batch, BatchStream
-from .losses import forward_kl, masked_sum, student_logprobs
+from .data import Sequences
+from .losses import forward_kl, masked_sum, student_logprobs, target_logprobs
 from .model import freeze_for, is_sparse, load_student, save_pretrained, upcycle
 from .pd import accumulate_preference
+from .preference import sequence_logprobs
 from .routing import RouterTap
 
 
@@ -43,19 +50,49 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-class HiddenAtPositions(torch.nn.Module):
-    """The LLaVA model up to its last hidden state, gathered at the distilled positions (the lm_head and
-    loss run chunked outside). Wrapping it lets DDP see every forward."""
+class StudentWithLoss(torch.nn.Module):
+    """The student and its losses in one forward (the module the engine wraps; see the module docstring).
 
-    def __init__(self, llava) -> None:
+    forward(Batch, kd_mask, lm_mask[, teacher_logprobs]) -> summed KL over kd_mask, summed CE over lm_mask,
+    and the MoE aux loss (0-dim tensors); forward(Sequences) -> each row's summed response log-prob (S,) fp32
+    (stage pd). The lm_head runs on the used positions only, in fp32 chunks (student/losses.py).
+    """
+
+    def __init__(self, llava, distil: bool = True, tail: bool = False, tap=None) -> None:
         super().__init__()
-        self.llava = llava
+        self.llava, self.tap = llava, tap
+        self.distil = distil  # False (kd_weight 0: init, sft): no top-k gathers, no KL work at all
+        self.tail = tail and distil
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        out = self.llava.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               pixel_values=batch.pixel_values, use_cache=False)
+    def forward(self, b: Batch | Sequences, kd_mask: torch.Tensor | None = None, lm_mask: torch.Tensor | None = None,
+                teacher_logprobs: torch.Tensor | None = None):
+        if self.tap is not None:
+            self.tap.reset()  # router logits of this forward only
+        out = self.llava.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                               use_cache=False)
         hidden = out.last_hidden_state  # (B, T, H)
-        return hidden.reshape(-1, hidden.shape[-1])[batch.flat_positions]  # (N, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[b.flat_positions]  # (N, H) at the predicting positions
+        weight = self.llava.get_output_embeddings().weight  # (V, H): used here, inside the wrapped forward
+        if isinstance(b, Sequences):
+            logq = target_logprobs(hidden, weight, b.targets)  # (N,) fp32
+            return sequence_logprobs(logq, b.sequence_index, b.ref_logps.shape[0])  # (S,)
+        used = kd_mask | lm_mask  # (N,) positions any weighted loss reads
+        hidden = hidden[used]  # (n, H)
+        if teacher_logprobs is not None:  # online comparison: the teacher's full distribution at the used positions
+            logp = teacher_logprobs  # (n, V) fp32
+            ids = torch.arange(logp.shape[1], device=hidden.device).expand_as(logp)  # (n, V)
+        elif self.distil:
+            ids, logp = b.topk_ids[used], b.topk_logprobs[used]  # (n, k), (n, k)
+        else:
+            ids = b.targets.new_zeros((hidden.shape[0], 0))  # (n, 0): no cached support, no KL work
+            logp = hidden.new_zeros((hidden.shape[0], 0), dtype=torch.float32)
+        if ids.numel() and int(ids.max()) >= weight.shape[0]:
+            raise ValueError(f"cached token id {int(ids.max())} is outside the student's vocabulary ({weight.shape[0]})")
+        logq_topk, logq_target, logq_tail = student_logprobs(hidden, weight, ids, b.targets[used], tail=self.tail)
+        kd = masked_sum(forward_kl(logq_topk, logp, logq_tail if self.tail else None), kd_mask[used])
+        lm = masked_sum(-logq_target, lm_mask[used])
+        aux = self.tap.aux_loss(b.attention_mask) if self.tap is not None else torch.zeros((), device=hidden.device)
+        return kd, lm, aux.to(hidden.device)
 
 
 def build_student(cfg: TrainConfig, log=print):
@@ -93,7 +130,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     n_params = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
-    wrapped, optimizer, scheduler = accelerator.prepare(HiddenAtPositions(model), optimizer, scheduler)
+    wrapped, optimizer, scheduler = accelerator.prepare(
+        StudentWithLoss(model, distil=bool(cfg.kd_weight), tail=cfg.tail, tap=tap), optimizer, scheduler)
 
     step, streams = 0, {}
     resume = checkpoint.latest(cfg.out)
@@ -113,7 +151,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.stage}", unit="step",
                disable=not accelerator.is_main_process)
-    lm_head = model.get_output_embeddings().weight  # (V, H)
     while step < cfg.max_steps:
         started = time.perf_counter()
         micro = [next(batches).to(accelerator.device) for _ in range(cfg.grad_accum)]
@@ -121,10 +158,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
         for b in micro:
             streams[b.stream_state["worker"]] = b.stream_state["state"]
         if preference:
-            losses = accumulate_preference(cfg, accelerator, wrapped, lm_head, micro, tap)
+            losses = accumulate_preference(cfg, accelerator, wrapped, micro)
             shown, mask = {"pd": losses["loss/pd"], "acc": losses["rewards/accuracy"]}, micro[-1].policy.attention_mask
         else:
-            losses = _kd_step(cfg, accelerator, wrapped, lm_head, micro, tap, teacher)
+            losses = _kd_step(cfg, accelerator, wrapped, micro, teacher)
             shown, mask = {"kd": losses["loss/kd"], "lm": losses["loss/lm"]}, micro[-1].attention_mask
         grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
         if not all(math.isfinite(x) for x in (*losses.values(), grad_norm)):
@@ -175,55 +212,36 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _kd_step(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm_head, micro: list[Batch], tap, teacher) -> dict:
+def _kd_step(cfg: TrainConfig, accelerator: Accelerator, wrapped, micro: list[Batch], teacher) -> dict:
     """The step's mean KL per distilled token, CE per response token, aux loss, and tokens (all processes)."""
-    sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, lm_head, micro, tap, teacher)
+    sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, micro, teacher)
     return {"loss/kd": sums[0].item() / n_kd, "loss/lm": sums[1].item() / n_lm,
             "loss/aux": sums[2].item() / accelerator.num_processes, "tokens": sums[3].item()}
 
 
-def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, lm_head, micro: list[Batch], tap,
-                         teacher) -> tuple[torch.Tensor, float, float]:
+def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, micro: list[Batch],
+                         teacher=None) -> tuple[torch.Tensor, float, float]:
     """Backward of one optimizer step's micro-batches, each loss divided by the step's global token counts.
+    `wrapped` is the engine-wrapped StudentWithLoss.
 
     Returns (summed [kd, lm, aux, tokens] over all processes, global #distilled, global #response tokens).
     """
-    kd_masks = [b.kind_mask(cfg.kd_positions) for b in micro]
-    lm_masks = [b.kind_mask("response") for b in micro]
+    kd_masks = [b.kind_mask(cfg.kd_positions) & bool(cfg.kd_weight) for b in micro]  # a 0-weighted loss reads nothing
+    lm_masks = [b.kind_mask("response") & bool(cfg.lm_weight) for b in micro]
     local = torch.stack([sum(m.sum() for m in kd_masks), sum(m.sum() for m in lm_masks)]).double()  # (2,)
     n_kd, n_lm = accelerator.reduce(local, "sum").clamp(min=1).tolist()  # clamp: all-masked gives 0, not NaN
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # kd, lm, aux, tokens
     for i, (b, kd_mask, lm_mask) in enumerate(zip(micro, kd_masks, lm_masks)):
         sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else nullcontext()  # all-reduce on the last only
         with sync:
-            with accelerator.autocast():  # the lm_head runs outside the model's forward: same precision as inside
-                kd, lm, aux = _micro_loss(cfg, wrapped, lm_head, b, kd_mask, lm_mask, tap, teacher)
+            teacher_logprobs = None if teacher is None else _teacher_logprobs(teacher, b, kd_mask | lm_mask)
+            with accelerator.autocast():
+                kd, lm, aux = wrapped(b, kd_mask, lm_mask, teacher_logprobs)
             loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * accelerator.num_processes  # DDP averages
             loss = loss + cfg.aux_loss_coef * aux / len(micro)
             accelerator.backward(loss)
         sums += torch.stack([kd.detach(), lm.detach(), aux.detach() / len(micro), b.attention_mask.sum()]).double()
     return accelerator.reduce(sums, "sum"), n_kd, n_lm
-
-
-def _micro_loss(cfg, wrapped, lm_head, b: Batch, kd_mask, lm_mask, tap, teacher):
-    """Summed KL over kd_mask, summed CE over lm_mask, and the aux loss, for one micro-batch."""
-    used = (kd_mask & bool(cfg.kd_weight)) | (lm_mask & bool(cfg.lm_weight))  # (N,) positions any weighted loss reads
-    if tap is not None:
-        tap.reset()
-    hidden = wrapped(b)[used]  # (n, H)
-    if teacher is not None:  # online comparison: the full teacher distribution, as LLaVA-MoD's code computes it
-        topk_logprobs = _teacher_logprobs(teacher, b, used)  # (n, V) fp32
-        topk_ids = torch.arange(topk_logprobs.shape[1], device=hidden.device).expand_as(topk_logprobs)  # (n, V)
-    else:
-        topk_ids, topk_logprobs = b.topk_ids[used], b.topk_logprobs[used]  # (n, k), (n, k)
-    if topk_ids.numel() and int(topk_ids.max()) >= lm_head.shape[0]:
-        raise ValueError(f"cached token id {int(topk_ids.max())} is outside the student's vocabulary ({lm_head.shape[0]})")
-    logq_topk, logq_target, logq_tail = student_logprobs(hidden, lm_head, topk_ids, b.targets[used], tail=cfg.tail)
-    kl = forward_kl(logq_topk, topk_logprobs, logq_tail if cfg.tail else None)  # (n,)
-    kd = masked_sum(kl, kd_mask[used])
-    lm = masked_sum(-logq_target, lm_mask[used])
-    aux = tap.aux_loss(b.attention_mask) if tap is not None else torch.zeros((), device=hidden.device)
-    return kd, lm, aux.to(hidden.device)
 
 
 @torch.no_grad()

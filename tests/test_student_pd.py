@@ -26,8 +26,8 @@ from modkd.store import Cache
 from modkd.student.config import TrainConfig
 from modkd.student.data import ImageLoader, collate_preference
 from modkd.student.model import freeze_for, load_student, upcycle
-from modkd.student.pd import accumulate_preference, student_sequence_logps
-from modkd.student.trainer import HiddenAtPositions, train
+from modkd.student.pd import accumulate_preference
+from modkd.student.trainer import StudentWithLoss, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 MOD_STUDENT = str(Path(sys.executable).with_name("mod-student"))
@@ -108,7 +108,7 @@ def test_sums_cover_the_response_tokens_only(pref_cache, sparse_student, world):
     assert torch.equal(batch.policy.targets, expected)  # exactly the response tokens, chosen rows then rejected
     rows = batch.policy
     with torch.no_grad():
-        got = student_sequence_logps(HiddenAtPositions(model), model.get_output_embeddings().weight, rows)  # (6,)
+        got = StudentWithLoss(model)(rows)  # (6,)
         logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
                        pixel_values=rows.pixel_values).logits.float()  # (6, T, V)
     logp = torch.log_softmax(logits, -1)
@@ -128,15 +128,13 @@ def test_micro_batches_give_the_gradient_of_one_batch(pref_cache, sparse_student
         model, processor = load_student(str(sparse_student))
         freeze_for(model, "pd")
         model.train()
-        wrapped = HiddenAtPositions(model)
-        scalars = accumulate_preference(cfg, accelerator, wrapped, model.get_output_embeddings().weight,
-                                        _batches(pref_cache, processor, world, sizes), tap=None)
+        wrapped = StudentWithLoss(model)
+        scalars = accumulate_preference(cfg, accelerator, wrapped, _batches(pref_cache, processor, world, sizes))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         grads[-1]["loss"] = torch.tensor(scalars["loss/pd"])
         if loss == "kto" and len(sizes) == 1:
             model.zero_grad()
-            half = accumulate_preference(cfg, accelerator, wrapped, model.get_output_embeddings().weight,
-                                         _batches(pref_cache, processor, world, [4]), tap=None)
+            half = accumulate_preference(cfg, accelerator, wrapped, _batches(pref_cache, processor, world, [4]))
             assert scalars["z"] > 0 and abs(half["z"] - scalars["z"]) > 1e-3  # a per-micro z would differ: power
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 1
     for name in grads[0]:

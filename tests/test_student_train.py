@@ -23,7 +23,7 @@ from modkd.store import Cache
 from modkd.student.config import TrainConfig
 from modkd.student.data import ImageLoader, collate
 from modkd.student.model import freeze_for, load_student
-from modkd.student.trainer import HiddenAtPositions, TrainingDiverged, _micro_loss, accumulate_gradients, train
+from modkd.student.trainer import StudentWithLoss, TrainingDiverged, _teacher_logprobs, accumulate_gradients, train
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +64,13 @@ def test_offline_equals_online_kd_when_cache_holds_full_distribution(full_cache,
     teacher = AutoModelForImageTextToText.from_pretrained(teacher_dir).eval()
     batch = batch_of(first_records(full_cache, 6), processor, world)
     assert batch.pixel_values is not None and batch.topk_ids.shape[1] == VOCAB_SIZE
-    kd_mask, lm_mask = batch.kind_mask(kd_positions), batch.kind_mask("response")
+    kd_mask = batch.kind_mask(kd_positions)
+    no_lm = torch.zeros_like(kd_mask)  # KL only
     results = []
     for online in (None, teacher):
         model.zero_grad()
-        kd, _, _ = _micro_loss(cfg, HiddenAtPositions(model), model.get_output_embeddings().weight, batch, kd_mask,
-                               lm_mask, None, online)
+        teacher_logprobs = None if online is None else _teacher_logprobs(online, batch, kd_mask)
+        kd, _, _ = StudentWithLoss(model, tail=cfg.tail)(batch, kd_mask, no_lm, teacher_logprobs)
         kd.backward()
         results.append((kd.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (offline, g_off), (online_kd, g_on) = results
@@ -90,8 +91,7 @@ def test_grad_accumulation_4x2_equals_1x8(full_cache, student_dir, world, tmp_pa
     for split in ([records], [records[i : i + 2] for i in range(0, 8, 2)]):
         model.zero_grad()
         micro = [batch_of(part, processor, world) for part in split]
-        sums, n_kd, n_lm = accumulate_gradients(cfg, Accelerator(cpu=True), HiddenAtPositions(model),
-                                                model.get_output_embeddings().weight, micro, None, None)
+        sums, n_kd, n_lm = accumulate_gradients(cfg, Accelerator(cpu=True), StudentWithLoss(model), micro)
         grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sums[:2], n_kd, n_lm))
     (g1, s1, *n1), (g4, s4, *n4) = grads
     assert n1 == n4 and n1[0] > n1[1] > 0

@@ -77,19 +77,20 @@ def processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
                           chat_template=CHAT_TEMPLATE)
 
 
-def llava_config(tokenizer: PreTrainedTokenizerFast, llm: dict) -> LlavaConfig:
-    text = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+def llava_config(tokenizer: PreTrainedTokenizerFast, llm: dict, tie: bool = True) -> LlavaConfig:
+    """tie=False gives the LLM an lm_head of its own, as most students above ~1.5B (Qwen1.5-1.8B) have."""
+    text = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=tie,
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **llm)
     return LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text,
                        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                        vision_feature_select_strategy="default", vision_feature_layer=-1,
-                       projector_hidden_act="gelu", tie_word_embeddings=True)
+                       projector_hidden_act="gelu", tie_word_embeddings=tie)
 
 
-def build_model(out: Path, tokenizer: PreTrainedTokenizerFast, llm: dict, seed: int) -> Path:
+def build_model(out: Path, tokenizer: PreTrainedTokenizerFast, llm: dict, seed: int, tie: bool = True) -> Path:
     """A randomly initialised LLaVA model plus its processor, saved in HF format under `out`."""
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config(tokenizer, llm))
+    model = LlavaForConditionalGeneration(llava_config(tokenizer, llm, tie))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     save_pretrained(model, out)
