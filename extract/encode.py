@@ -63,7 +63,7 @@ class Encoder:
 
     def encode(self, raw: RawRecord) -> Encoded:
         if raw.error is not None:
-            raise Rejected("malformed", raw.error)
+            raise Rejected(raw.error_kind, raw.error)
         rec = raw.data
         messages = self._messages(rec)
         image, image_ref = self._image(rec)
@@ -112,6 +112,10 @@ class Encoder:
                 raise Rejected("empty_response", f"turn {i} (gpt) is empty")
             placeholders += n
             messages.append({"role": role, "content": self._content(value)})
+        first = next((m["role"] for m in messages if m["role"] != "system"), None)
+        if first != "user":
+            raise Rejected("first_turn", f"the conversation starts with a {'gpt' if first else 'system'} turn; "
+                                         "it must start with a human turn (after an optional system turn)")
         return messages, placeholders
 
     def _content(self, value: str):
@@ -153,7 +157,10 @@ class Encoder:
         return image, ImageRef(path.relative_to(self.image_root).as_posix(), hashlib.sha256(data).hexdigest())
 
     def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
-        return self.template.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return self.template.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's TemplateError, a template's raise_exception(...), ...: this record only
+            raise Rejected("template", f"the chat template refused the conversation: {type(e).__name__}: {e}") from None
 
     def _response_spans(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
         spans = []

@@ -76,7 +76,7 @@ class PreferenceEncoder(Encoder):
 
     def encode_pair(self, raw: RawRecord, partner: tuple[str, str] | None) -> EncodedPreference:
         if raw.error is not None:
-            raise Rejected("malformed", raw.error)
+            raise Rejected(raw.error_kind, raw.error)
         rec = raw.data
         texts = {}
         for name in ("chosen", "rejected"):

@@ -4,7 +4,9 @@ Read a LLaVA-format data file into raw records, keeping line numbers for error r
 
 A data file is either a JSON array of records (LLaVA's own `llava_v1_5_mix665k.json` style) or JSON
 Lines (one record per line). A line that is not valid JSON is not an error for the whole run: it becomes
-a `RawRecord` with `error` set, so the extractor can reject it with its line number and go on.
+a `RawRecord` with `error` set, so the extractor can reject it with its line number and go on. So does a
+record whose `id` an earlier record of the file already has (`duplicate_id`: the first one is kept, so
+an id names one record, as KTO's stored `mismatched_from` needs).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ class RawRecord:
     index: int  # 0-based position among the file's records; decides the shard
     line: int  # 1-based line number (JSONL) or element number (JSON array), for error messages
     data: dict | None  # the parsed record, or None when it could not be parsed
-    error: str | None = None  # why it could not be parsed
+    error: str | None = None  # why it cannot be used
+    error_kind: str = "malformed"  # the reject kind of `error`
 
     @property
     def sample_id(self) -> str:
@@ -38,7 +41,7 @@ def read_records(path: str | Path) -> list[RawRecord]:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); a JSON array must parse as a whole") from e
-        return [_raw(i, i + 1, item) for i, item in enumerate(items)]
+        return _mark_duplicates([_raw(i, i + 1, item) for i, item in enumerate(items)])
     records = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -49,6 +52,19 @@ def read_records(path: str | Path) -> list[RawRecord]:
             records.append(RawRecord(len(records), line_no, None, f"malformed JSON on line {line_no}: {e.msg}"))
             continue
         records.append(_raw(len(records), line_no, item))
+    return _mark_duplicates(records)
+
+
+def _mark_duplicates(records: list[RawRecord]) -> list[RawRecord]:
+    first: dict[str, int] = {}
+    for raw in records:
+        if raw.error is not None or "id" not in raw.data:
+            continue
+        if raw.sample_id in first:
+            raw.error = f"id {raw.sample_id!r} is already used by the record on line {first[raw.sample_id]} (that one is kept)"
+            raw.error_kind = "duplicate_id"
+        else:
+            first[raw.sample_id] = raw.line
     return records
 
 

@@ -36,6 +36,7 @@ from modkd.store import (
     DistillRecord,
     ShardWriter,
     finalize_manifest,
+    read_done_marker,
     sha256_file,
     shard_paths,
     write_done_marker,
@@ -52,6 +53,7 @@ from .vllm_backend import VLLMBackend, VLLMOptions, engine_info
 
 WINDOW_BATCHES = 16  # records are encoded, length-sorted and batched in windows of this many batches: less padding, bounded memory
 BACKENDS = ("auto", "hf", "vllm")
+INTERNAL_ERROR = "internal_error"  # an unexpected exception on one record: rejected, and the exit status is non-zero
 
 
 @dataclass
@@ -117,8 +119,9 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend |
             if own:
                 backend.close()
     manifest = finalize_manifest(cfg.out, cfg.shards, header, subdir)
+    internal = sum(read_done_marker(cfg.out, s, cfg.shards, subdir)["rejects"].get(INTERNAL_ERROR, 0) for s in mine)
     return {"shards_mine": len(mine), "shards_skipped": len(mine) - len(todo), "shards_done_now": len(todo),
-            "preference": preference, "backend": backend_name, "manifest": manifest}
+            "preference": preference, "backend": backend_name, "internal_errors": internal, "manifest": manifest}
 
 
 def _extract_shards(cfg: ExtractConfig, todo: list[int], records: list[RawRecord], teacher: Teacher, backend,
@@ -166,6 +169,8 @@ def _extract_shard(cfg, shard: int, raws: list[RawRecord], encode, process, bar,
                     kept.append(raw)
                 except Rejected as r:
                     rejects.append(_reject(raw, r))
+                except Exception as e:  # a bug or a library's surprise on one record: recorded, the run goes on
+                    rejects.append(_reject(raw, Rejected(INTERNAL_ERROR, f"{type(e).__name__}: {e}")))
             for raw, rec in zip(kept, process(encoded)):
                 if isinstance(rec, Rejected):
                     rejects.append(_reject(raw, rec))

@@ -67,6 +67,14 @@ def extract(
     summary = run(cfg)
     manifest = summary.pop("manifest")
     typer.echo(f"worker {worker_index}/{num_workers}: {json.dumps(summary)}")
+    _report(summary, manifest, out)
+    if summary["internal_errors"]:  # after the whole run: every other record is cached
+        typer.echo(f"mod-extract: {summary['internal_errors']} record(s) of this worker's shards raised an unexpected "
+                   f"error (kind internal_error in {out}/*/*.rejects.jsonl); please report it", err=True)
+        raise typer.Exit(1)
+
+
+def _report(summary: dict, manifest: dict | None, out: Path) -> None:
     if manifest is None:
         typer.echo("other workers' shards are not complete yet; the last worker to finish writes manifest.json")
         return

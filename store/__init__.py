@@ -3,7 +3,7 @@
 Imports nothing else of modkd: the cache is the only thing that crosses from extraction to training.
 """
 
-from .done import write_done_marker
+from .done import read_done_marker, write_done_marker
 from .errors import CacheError
 from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, shard_paths
 from .manifest import finalize_manifest, shard_progress
@@ -28,6 +28,7 @@ __all__ = [
     "SHARDS_SUBDIR",
     "ShardWriter",
     "finalize_manifest",
+    "read_done_marker",
     "sha256_file",
     "shard_paths",
     "shard_progress",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,8 @@ def bad_data(tmp_path, world) -> tuple[Path, Path, dict[str, str]]:
         json.dumps({"id": "placeholder-no-image", "conversations": conv("<image>\ndescribe the image.", "yes")}),
         json.dumps({"id": "gpt-placeholder", "image": good_image, "conversations": conv("<image>\nhi", "<image> yes")}),
         json.dumps({"id": "two-images", "image": [good_image, good_image], "conversations": conv("<image>\nhi", "yes")}),
+        json.dumps({"id": "gpt-first", "conversations": [{"from": "gpt", "value": "hello"}, *conv("hi", "yes")]}),
+        json.dumps({"id": "good-text", "conversations": conv("what is two plus two?", "four")}),  # a second good-text
     ]
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -57,7 +60,7 @@ def bad_data(tmp_path, world) -> tuple[Path, Path, dict[str, str]]:
         "escape": "image_outside_root", "escape-link": "image_outside_root", "too-long": "too_long",
         "two-placeholders": "image_placeholders", "no-placeholder": "image_placeholders",
         "placeholder-no-image": "image_placeholders", "gpt-placeholder": "image_placeholders",
-        "two-images": "image_field",
+        "two-images": "image_field", "gpt-first": "first_turn", "good-text": "duplicate_id",
     }  # fmt: skip
     return data, root, expected
 
@@ -71,13 +74,14 @@ def test_every_bad_record_is_rejected_with_its_reason(tmp_path, teacher_dir, bad
     assert sorted(r.sample_id for r in cache.records()) == ["good-image", "good-text"]
     rejects = {r["sample_id"]: r for r in cache.rejects()}
     assert {sid: r["kind"] for sid, r in rejects.items()} == expected
+    assert rejects["good-text"]["line"] == 19 and "the record on line 2" in rejects["good-text"]["reason"]
     assert "line 3" in rejects["line:3"]["reason"] and rejects["line:3"]["line"] == 3
     assert "robot" in rejects["role"]["reason"]
     assert "outside --image-root" in rejects["escape"]["reason"]
     assert "found 2" in rejects["two-placeholders"]["reason"]
     assert "exceed --max-length 120" in rejects["too-long"]["reason"]
     totals = summary["manifest"]["totals"]
-    assert totals["records_in"] == 17 == totals["records_written"] + totals["records_rejected"]
+    assert totals["records_in"] == 19 == totals["records_written"] + totals["records_rejected"]
     assert totals["records_rejected"] == len(expected)
     assert sum(summary["manifest"]["rejects"].values()) == len(expected)
 
@@ -94,3 +98,47 @@ def test_a_broken_json_array_is_a_clear_error(tmp_path, teacher_dir):
     data.write_text('[{"id": 1}, ')
     with pytest.raises(ValueError, match="not valid JSON"):
         run(ExtractConfig(str(teacher_dir), data, tmp_path / "c"))
+
+
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+               "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_template_error_or_an_unexpected_exception_rejects_one_record(tmp_path, text_teacher_dir, monkeypatch):
+    """A template that enforces role alternation refuses one record (kind template); an unexpected exception
+    on another is recorded as internal_error with its message; the run goes on and caches the rest, and the
+    CLI exits non-zero after completing the run."""
+    from typer.testing import CliRunner
+
+    from modkd.extract import encode
+    from modkd.pipelines.cli_extract import app
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(text_teacher_dir, teacher)
+    config = json.loads((teacher / "tokenizer_config.json").read_text())
+    (teacher / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": ALTERNATING}))
+    (teacher / "chat_template.jinja").unlink(missing_ok=True)
+    records = [{"id": f"ok{i}", "conversations": conv("what is two plus one?", "three")} for i in range(3)]
+    records.insert(1, {"id": "twice", "conversations": [*conv("hi", "yes"), {"from": "gpt", "value": "again"}]})
+    records.append({"id": "boom", "conversations": conv("explode", "now")})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    real = encode.Encoder.encode
+
+    def flaky(self, raw):
+        if raw.sample_id == "boom":
+            raise KeyError("a surprise")
+        return real(self, raw)
+
+    monkeypatch.setattr(encode.Encoder, "encode", flaky)
+    result = CliRunner().invoke(app, ["--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "c"),
+                                      "--backend", "hf"])
+    assert result.exit_code == 1 and "1 record(s)" in result.output
+    cache = Cache.open(tmp_path / "c")
+    assert sorted(r.sample_id for r in cache.records()) == ["ok0", "ok1", "ok2"]
+    rejects = {r["sample_id"]: r for r in cache.rejects()}
+    assert rejects["twice"]["kind"] == "template" and "roles must alternate" in rejects["twice"]["reason"]
+    assert rejects["boom"]["kind"] == "internal_error" and "KeyError" in rejects["boom"]["reason"]
+    assert cache.manifest["totals"]["records_in"] == 5
