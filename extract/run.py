@@ -234,14 +234,22 @@ def _image_tokens(teacher: Teacher) -> int | None:
     return int(sum(1 for t in ids if t == p.image_token_id))
 
 
+def _identity(header: dict) -> dict:
+    """What makes two extractions the same: the header without paths, which differ between machines and
+    mounts (the teacher's name or directory, the image root); the teacher is its config + weights hashes."""
+    return {**{k: v for k, v in header.items() if k != "image_root"},
+            "teacher": {k: v for k, v in header["teacher"].items() if k not in ("name", "source")}}
+
+
 def _claim_out_dir(out: Path, header: dict) -> None:
-    """Refuse to mix shards of two different extractions in one --out directory."""
+    """Refuse to mix shards of two different extractions in one --out directory (paths may differ: a worker
+    on another node, with another HF cache or mount point, joins the same extraction)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "extract_config.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        if old != header:
-            diff = sorted(k for k in header if old.get(k) != header[k])
+        old, new = _identity(json.loads(path.read_text())), _identity(header)
+        if old != new:
+            diff = sorted(k for k in new if old.get(k) != new[k])
             raise ValueError(f"{out} holds a cache made with different settings ({', '.join(diff)} differ); "
                              "use a new --out, or delete it to start over")
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,18 @@ def test_backend_choice_and_its_errors(tmp_path, text_teacher_dir, mixed_data):
     vocab = light.fingerprint["vocab_size"]
     with pytest.raises(ValueError, match=f"between 1 and the vocabulary size {vocab}"):
         VLLMBackend(light, vocab + 1, "float32", VLLMOptions())
+
+
+def test_workers_with_other_paths_to_the_same_files_join_one_extraction(tmp_path, teacher_dir, mixed_data, world):
+    """Worker 1 sees the teacher and the images under other paths (another node's mounts): same extraction."""
+    out = tmp_path / "joint"
+    run(ExtractConfig(str(teacher_dir), mixed_data, out, world, shards=4, num_workers=2, worker_index=0))
+    teacher_copy, world_copy = shutil.copytree(teacher_dir, tmp_path / "t"), shutil.copytree(world, tmp_path / "w")
+    second = run(ExtractConfig(str(teacher_copy), mixed_data, out, world_copy, shards=4, num_workers=2, worker_index=1))
+    assert second["manifest"] is not None
+    assert_same_records(Cache.open(out), extract(tmp_path, teacher_dir, mixed_data, world, "single", shards=4), atol=0)
+    with pytest.raises(ValueError, match="different settings"):  # different weights are still refused
+        broken = shutil.copytree(teacher_dir, tmp_path / "t2")
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+        run(ExtractConfig(str(broken), mixed_data, out, world, shards=4, num_workers=2, worker_index=1))
