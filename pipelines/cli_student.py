@@ -59,7 +59,8 @@ def train(
     image_root: Path = typer.Option(None, exists=True, file_okay=False, help="default: the root recorded at extraction"),
     max_steps: int = typer.Option(None, min=1, help="optimizer steps (recipe default)"),
     batch_size: int = typer.Option(None, min=1, help="records per micro-batch per process"),
-    grad_accum: int = typer.Option(None, min=1, help="micro-batches per optimizer step"),
+    global_batch: int = typer.Option(None, min=1, help="records per optimizer step over all processes (recipe: Table 10)"),
+    grad_accum: int = typer.Option(None, min=1, help="micro-batches per step (default: global batch / (batch x processes))"),
     lr: float = typer.Option(None, help="peak learning rate (recipe: Table 10)"),
     seed: int = typer.Option(None),
     save_every: int = typer.Option(None, min=1, help="optimizer steps between checkpoints"),
@@ -75,8 +76,8 @@ def train(
     """Train one stage (init | sft | d2d | d2s | pd) from the cache; writes OUT/final in HF format."""
     from modkd.student.trainer import TrainingDiverged, train as run_training
 
-    flags = dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed,
-                 save_every=save_every, experts=experts, top_k_experts=top_k_experts, routing=routing,
+    flags = dict(max_steps=max_steps, batch_size=batch_size, global_batch=global_batch, grad_accum=grad_accum, lr=lr,
+                 seed=seed, save_every=save_every, experts=experts, top_k_experts=top_k_experts, routing=routing,
                  online_teacher=online_teacher, pref_loss=pref_loss, pref_beta=pref_beta)
     try:
         if image_root is None:  # the root recorded at extraction (Cache.open also checks the cache is complete)

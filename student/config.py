@@ -7,7 +7,7 @@ writes it whole to OUT/train_config.json, where a rerun into the same OUT must f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from modkd.store import POSITION_MODES
@@ -27,7 +27,8 @@ class TrainConfig:
     image_root: Path | None = None  # where the cached records' images live (checked by sha256)
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 8  # records per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch: int | None = None  # records per optimizer step over all processes (the recipes' Table 10 batch)
+    grad_accum: int | None = None  # micro-batches per step; None: global_batch / (batch_size x processes), else 1
     lr: float = 2e-5  # LLaVA-MoD Table 10, mimic distillation
     warmup_ratio: float = 0.03  # Table 10
     beta1: float = 0.9  # Table 10
@@ -66,8 +67,9 @@ class TrainConfig:
             raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")
         if self.kd_positions not in POSITION_MODES:
             raise ValueError(f"kd_positions must be one of {', '.join(POSITION_MODES)}, got {self.kd_positions!r}")
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "experts", "top_k_experts"):
-            if getattr(self, name) < 1:
+        for name in ("max_steps", "batch_size", "grad_accum", "global_batch", "save_every", "log_every", "experts",
+                     "top_k_experts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pref_loss not in PREFERENCE_LOSSES:
             raise ValueError(f"pref_loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.pref_loss!r}")
@@ -80,3 +82,18 @@ class TrainConfig:
     @classmethod
     def keys(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+def for_processes(cfg: TrainConfig, processes: int) -> TrainConfig:
+    """The config with grad_accum resolved for `processes` processes: an explicit grad_accum wins (global_batch
+    is then what it gives); else global_batch / (batch_size x processes), which must divide exactly."""
+    if cfg.grad_accum is None and cfg.global_batch is None:
+        return replace(cfg, grad_accum=1, global_batch=cfg.batch_size * processes)
+    if cfg.grad_accum is not None:
+        return replace(cfg, global_batch=cfg.batch_size * cfg.grad_accum * processes)
+    per_step = cfg.batch_size * processes
+    if cfg.global_batch % per_step:
+        raise ValueError(f"global batch {cfg.global_batch} is not a multiple of batch_size {cfg.batch_size} x "
+                         f"{processes} process(es) = {per_step}; change --batch-size or --global-batch, or give "
+                         f"--grad-accum explicitly")
+    return replace(cfg, grad_accum=cfg.global_batch // per_step)

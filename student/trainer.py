@@ -36,7 +36,7 @@ from modkd.store import Cache
 
 from . import checkpoint
 from .checks import check_student_matches_cache
-from .config import TrainConfig
+from .config import TrainConfig, for_processes
 from .data import Batch, BatchStream
 from .data import Sequences
 from .losses import forward_kl, masked_sum, student_logprobs, target_logprobs
@@ -118,6 +118,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         mixed_precision=_precision(cfg.mixed_precision), log_with="tensorboard", project_dir=str(cfg.out),
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # unrouted experts get no grad
+    given = cfg.grad_accum
+    cfg = for_processes(cfg, accelerator.num_processes)  # recorded resolved: a resume derives the same
     _claim_out(cfg, accelerator)
     set_seed(cfg.seed)
     cache = Cache.open(cfg.cache)
@@ -146,8 +148,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     batches = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.num_workers, generator=loader_rng))
     if accelerator.is_main_process:
         accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_json().items()})
-        log(f"[train] stage {cfg.stage}: {n_params:,} trained parameters in {len(trained)} tensors; "
-            f"{accelerator.num_processes} process(es), {cfg.batch_size} x {cfg.grad_accum} records per process per step")
+        log(f"[train] stage {cfg.stage}: {n_params:,} trained parameters in {len(trained)} tensors; global batch "
+            f"{cfg.global_batch} = {accelerator.num_processes} process(es) x batch {cfg.batch_size} x grad_accum "
+            f"{cfg.grad_accum} ({'given' if given is not None else 'derived from the global batch'})")
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.stage}", unit="step",
                disable=not accelerator.is_main_process)

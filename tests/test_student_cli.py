@@ -47,11 +47,14 @@ def train_args(cache: Path, student: Path, out: Path, *extra: str) -> list[str]:
 def test_train_as_the_user_types_it(cache, student, tmp_path):
     """No --image-root: the trainer reads the root recorded at extraction; --set overrides the recipe."""
     out = tmp_path / "run"
-    res = subprocess.run([MOD_STUDENT, *train_args(cache, student, out, "--batch-size", "4", "--set", "tail=true")],
+    res = subprocess.run([MOD_STUDENT, *train_args(cache, student, out, "--batch-size", "4", "--global-batch", "32",
+                                                   "--set", "tail=true")],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     config = json.loads((out / "train_config.json").read_text())
-    assert config["tail"] is True and config["lr"] == 1e-3 and config["grad_accum"] == 8  # recipe's value kept
+    assert config["tail"] is True and config["lr"] == 1e-3 and config["kd_weight"] == 1.0  # recipe's value kept
+    assert config["global_batch"] == 32 and config["grad_accum"] == 8  # derived: 32 / (4 x 1 process), recorded
+    assert "global batch 32 = 1 process(es) x batch 4 x grad_accum 8 (derived" in res.stdout + res.stderr
     assert config["image_root"] == json.loads((cache / "manifest.json").read_text())["image_root"]
     assert [m["step"] for m in metrics(out)] == list(range(1, 9))
     assert (out / "final" / "model.safetensors").is_file() and list((out / "tensorboard").rglob("events.out.tfevents*"))
@@ -105,3 +108,18 @@ def test_bad_input_is_a_clear_error_not_a_traceback(student, tmp_path):
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("mod-student train: ") and "Traceback" not in res.stderr
     assert "manifest.json" in res.stderr
+
+
+def test_grad_accum_follows_the_global_batch_and_the_process_count():
+    """Recipes give the global batch (LLaVA-MoD Table 10); grad_accum adapts to processes, or is refused."""
+    from modkd.pipelines.cli_student import build_config
+    from modkd.student.config import for_processes
+
+    paths = dict(cache="c", student="s", out="o")
+    d2d = build_config("d2d", paths, {}, None, [])
+    assert d2d.global_batch == 128 and d2d.batch_size == 16 and d2d.grad_accum is None
+    assert [for_processes(d2d, n).grad_accum for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(ValueError, match="global batch 128 is not a multiple of batch_size 16 x 3 process"):
+        for_processes(d2d, 3)
+    given = for_processes(build_config("d2d", paths, {"grad_accum": 2}, None, []), 3)
+    assert given.grad_accum == 2 and given.global_batch == 16 * 2 * 3  # explicit wins; the real global batch recorded
