@@ -126,6 +126,20 @@ def test_resume_from_a_checkpoint_is_bit_exact(full_cache, student_dir, world, t
     assert sparse.config.text_config.model_type == "qwen2_moe"
 
 
+def test_a_loaded_sparse_student_trains_with_its_routing_strategy(full_cache, student_dir, world, tmp_path):
+    """A saved d2s student loads in eval mode; the trainer must train it in training mode, where jitter acts:
+    d2s continued from OUT/final with jitter sees another step-1 loss than with plain top-k (lr 0: same weights)."""
+    first = config(tmp_path / "d2s", full_cache, student_dir, world, stage="d2s", max_steps=1, lm_weight=1.0)
+    sparse = train(first)
+    losses = {}
+    for routing in ("topk", "jitter"):
+        run_cfg = config(tmp_path / routing, full_cache, sparse, world, stage="d2s", max_steps=1, lm_weight=1.0,
+                         lr=0.0, routing=routing)
+        train(run_cfg)
+        losses[routing] = json.loads((run_cfg.out / "metrics.jsonl").read_text().splitlines()[0])["loss/kd"]
+    assert losses["jitter"] != losses["topk"], losses
+
+
 def test_rerun_with_other_options_is_refused(full_cache, student_dir, world, tmp_path):
     train(config(tmp_path, full_cache, student_dir, world, max_steps=1))
     with pytest.raises(ValueError, match="lr differ"):
