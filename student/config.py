@@ -50,6 +50,7 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between TensorBoard points
     num_workers: int = 0  # DataLoader workers; resume is bit-exact with 0 (see README)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    gradient_checkpointing: bool = False  # recompute the LLM's activations in the backward: less memory, ~1.3x time
     online_teacher: str | None = None  # comparison mode: compute the teacher's full distribution each step
     pref_loss: str = "kto"  # pd only: kto | dpo | kto_pair (student/preference.py)
     pref_beta: float = 0.1  # pd: KTO / DPO temperature (DESIGN section 6)

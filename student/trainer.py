@@ -108,6 +108,8 @@ def build_student(cfg: TrainConfig, log=print):
             raise ValueError(f"{cfg.student} is already E{text.num_experts}T{text.num_experts_per_tok}; "
                              f"--experts/--top-k-experts ask for E{cfg.experts}T{cfg.top_k_experts}")
     trained = freeze_for(model, cfg.stage)
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs, DDP and the routers' hooks (RNG replayed)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # from_pretrained returns eval mode, where the routing strategies (jitter, rsample) do nothing
     return model, processor, trained
 

@@ -23,7 +23,9 @@ from modkd.store import Cache
 from modkd.student.config import TrainConfig
 from modkd.student.data import ImageLoader, collate
 from modkd.student.model import freeze_for, load_student
-from modkd.student.trainer import StudentWithLoss, TrainingDiverged, _teacher_logprobs, accumulate_gradients, train
+from modkd.student.routing import RouterTap
+from modkd.student.trainer import (StudentWithLoss, TrainingDiverged, _teacher_logprobs, accumulate_gradients,
+                                    build_student, train)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,26 @@ def test_grad_accumulation_4x2_equals_1x8(full_cache, student_dir, world, tmp_pa
     torch.testing.assert_close(s1, s4, rtol=1e-6, atol=1e-6)
     for name in g1:
         torch.testing.assert_close(g1[name], g4[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("stage", ["d2d", "d2s"])
+def test_gradient_checkpointing_gives_the_same_gradient(full_cache, student_dir, world, tmp_path, stage):
+    records = first_records(full_cache, 4)
+    grads = []
+    for checkpointing in (False, True):
+        cfg = config(tmp_path, full_cache, student_dir, world, stage=stage, lm_weight=1.0, routing="jitter",
+                     gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model, processor, _ = build_student(cfg, log=lambda *a: None)
+        assert model.is_gradient_checkpointing == checkpointing and model.training
+        tap = RouterTap(model, cfg.routing) if stage == "d2s" else None
+        torch.manual_seed(1)  # jitter draws: the recomputed forward must replay them
+        accumulate_gradients(cfg, Accelerator(cpu=True), StudentWithLoss(model, tail=cfg.tail, tap=tap),
+                             [batch_of(records, processor, world)])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 def weights(run_dir: Path) -> dict:
