@@ -143,7 +143,8 @@ def test_student_trains_from_a_vllm_cache_unchanged(llava_caches, tokenizer, tmp
     for name, cache in zip(("hf", "vllm"), llava_caches):
         out = tmp_path / f"run-{name}"
         res = subprocess.run([MOD_STUDENT, "train", "--stage", "d2d", "--cache", str(cache), "--student", str(student),
-                              "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--set", "log_every=1"],
+                              "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1",
+                              "--set", "log_every=1"],
                              capture_output=True, text=True, timeout=300, env=ENV)
         assert res.returncode == 0, res.stderr[-3000:]
         assert (out / "final" / "model.safetensors").is_file()
