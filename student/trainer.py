@@ -240,8 +240,8 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, mi
     for i, (b, kd_mask, lm_mask) in enumerate(zip(micro, kd_masks, lm_masks)):
         sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else nullcontext()  # all-reduce on the last only
         with sync:
-            teacher_logprobs = None if teacher is None else _teacher_logprobs(teacher, b, kd_mask | lm_mask)
-            with accelerator.autocast():
+            with accelerator.autocast():  # the online teacher under the same autocast as the student
+                teacher_logprobs = None if teacher is None else _teacher_logprobs(teacher, b, kd_mask | lm_mask)
                 kd, lm, aux = wrapped(b, kd_mask, lm_mask, teacher_logprobs)
             loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * accelerator.num_processes  # DDP averages
             loss = loss + cfg.aux_loss_coef * aux / len(micro)
