@@ -104,3 +104,13 @@ def vllm_env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
     env.update(TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), VLLM_CACHE_ROOT=str(tmp / "vllm"))
     return env
+
+
+def accelerate_launch(processes: int) -> list[str]:
+    """`accelerate launch --multi_gpu` for `processes` processes: torchrun; on a machine without CUDA the trainer
+    runs them on gloo (`--cpu` would pick accelerate's MPI launcher)."""
+    import shutil
+    import sys
+
+    return [shutil.which("accelerate", path=str(Path(sys.executable).parent)), "launch", "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

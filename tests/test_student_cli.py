@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import accelerate_launch
 from modkd.extract.run import ExtractConfig, run
 from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
 
@@ -76,9 +76,7 @@ def test_two_processes_match_one_on_disjoint_data(cache, student, tmp_path):
     res = subprocess.run([MOD_STUDENT, *train_args(cache, student, one, "--batch-size", "4", *args)],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    launch = [shutil.which("accelerate", path=str(Path(sys.executable).parent)), "launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              MOD_STUDENT, *train_args(cache, student, two, "--batch-size", "2", *args)]
+    launch = [*accelerate_launch(2), MOD_STUDENT, *train_args(cache, student, two, "--batch-size", "2", *args)]
     res = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = metrics(one), metrics(two)

@@ -20,6 +20,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from conftest import accelerate_launch
 from modkd.extract.run import ExtractConfig, run
 from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
 from modkd.store import Cache
@@ -151,9 +152,7 @@ def test_two_processes_give_the_step_of_one(pref_cache, sparse_student, tmp_path
 
     res = subprocess.run([MOD_STUDENT, *args(tmp_path / "one", 8)], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    launch = [shutil.which("accelerate", path=str(Path(sys.executable).parent)), "launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              MOD_STUDENT, *args(tmp_path / "two", 4)]
+    launch = [*accelerate_launch(2), MOD_STUDENT, *args(tmp_path / "two", 4)]
     res = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import subprocess
 import torch
 from safetensors.torch import load_file
 
+from conftest import accelerate_launch
 from modkd.extract.run import ExtractConfig, run
 from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
 
@@ -47,12 +47,7 @@ def train(cache: Path, student: Path, out: Path, stage: str, processes: int) -> 
             # the MoE load-balancing loss is a product of per-process batch means (as in DeepSpeed-MoE, Mixtral and
             # LLaVA-MoD): 2 x 4 records cannot give 1 x 8's value. Off here; the KL and LM gradients must match.
             "--set", "aux_loss_coef=0"]
-    if processes > 1:
-        args = [shutil.which("accelerate", path=str(Path(sys.executable).parent)), "launch", "--multi_gpu",
-                "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", MOD_STUDENT, *args]
-    else:
-        args = [MOD_STUDENT, *args]
+    args = [*(accelerate_launch(processes) if processes > 1 else []), MOD_STUDENT, *args]
     res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
