@@ -10,15 +10,18 @@ A cache holds distillation records (manifest.json, shards/), preference records 
 `cache.manifest` / `cache.preference_manifest` is None for a part it lacks, and reading a missing part
 raises a CacheError that says how to extract it.
 
-Splitting: the unit is one (shard, row group), numbered in manifest shard order; rank r reads the
-units u with u % world_size == r, in order. The union over ranks is every record, each exactly once,
-and a rank's order never changes. `start` is the number of records this rank already consumed (the
-`cursor` of the last record it saw): whole row groups are skipped from their metadata, then rows.
+Splitting: the unit is one (shard, row group), numbered in manifest shard order, or permuted by
+`order_seed` (a trainer gives one per epoch, so a cache written from a data file sorted by source
+does not train source by source); rank r reads the i-th unit of that order when i % world_size == r.
+The union over ranks is every record, each exactly once, and a rank's order is fixed by the seed.
+`start` is the number of records this rank already consumed in that order (the `cursor` of the last
+record it saw): whole row groups are skipped from their metadata, then rows.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +47,7 @@ class Cache:
         self.num_records: int = self.manifest["totals"]["records_written"] if self.manifest else 0
         self.num_preference_records: int = (self.preference_manifest["totals"]["records_written"]
                                             if self.preference_manifest else 0)
+        self._units: dict[str, list[tuple[int, int, int]]] = {}  # subdir -> units(), read on first use
 
     @classmethod
     def open(cls, path: Path | str) -> Cache:
@@ -76,55 +80,65 @@ class Cache:
                 "then rerun mod-extract with the same arguments")
 
     def records(
-        self, rank: int = 0, world_size: int = 1, start: int = 0, columns: list[str] | None = None
+        self, rank: int = 0, world_size: int = 1, start: int = 0, columns: list[str] | None = None,
+        order_seed: int | str | None = None,
     ) -> Iterator[DistillRecord]:
-        """Stream this rank's records from record `start` on; `columns` reads a subset (other fields are None)."""
+        """Stream this rank's records from record `start` on; `columns` reads a subset (other fields are None);
+        `order_seed` permutes the (shard, row group) units before they are split over ranks."""
         if self.manifest is None:
             raise CacheError(f"{self.path} holds no distillation records, only preference records; run mod-extract "
                              f"on a LLaVA-format data file with --out {self.path} to add them")
         decode = lambda row: DistillRecord.from_row(row, self.top_k)  # noqa: E731
-        return self._stream(SHARDS_SUBDIR, decode, rank, world_size, start, _read_columns(columns))
+        return self._stream(SHARDS_SUBDIR, decode, rank, world_size, start, _read_columns(columns), order_seed)
 
-    def preference_records(self, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[PreferenceRecord]:
-        """Stream this rank's preference pairs from record `start` on (split and resumed as `records`)."""
+    def preference_records(self, rank: int = 0, world_size: int = 1, start: int = 0,
+                           order_seed: int | str | None = None) -> Iterator[PreferenceRecord]:
+        """Stream this rank's preference pairs from record `start` on (split, ordered and resumed as `records`)."""
         if self.preference_manifest is None:
             raise CacheError(f"{self.path} holds no preference records; run mod-extract on a preference file "
                              f"(records with \"chosen\" and \"rejected\") with --out {self.path} to add them")
-        return self._stream(PREFERENCE_SUBDIR, PreferenceRecord.from_row, rank, world_size, start, None)
+        return self._stream(PREFERENCE_SUBDIR, PreferenceRecord.from_row, rank, world_size, start, None, order_seed)
+
+    def units(self, subdir: str = SHARDS_SUBDIR) -> list[tuple[int, int, int]]:
+        """Every (shard index, row group, rows) of a part in manifest order, from the shards' footers (read once)."""
+        if subdir not in self._units:
+            units = []
+            for index, shard in enumerate(self.manifests[subdir]["shards"]):
+                path, name = self._shard_file(index, subdir)
+                with open_shard(path, name, PARTS[subdir]) as parquet:
+                    if parquet.metadata.num_rows != shard["records"]:
+                        raise CacheError(f"{name} holds {parquet.metadata.num_rows} records but "
+                                         f"{_manifest_name(subdir)} records {shard['records']}")
+                    units += [(index, g, parquet.metadata.row_group(g).num_rows)
+                              for g in range(parquet.metadata.num_row_groups)]
+            self._units[subdir] = units
+        return self._units[subdir]
 
     def _stream(self, subdir: str, decode: Callable, rank: int, world_size: int, start: int,
-                read_columns: list[str] | None) -> Iterator:
+                read_columns: list[str] | None, order_seed: int | str | None) -> Iterator:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
-        unit = 0  # global (shard, row group) counter
-        consumed = 0  # records of this rank in the row groups before the current one
-        for index, shard in enumerate(self.manifests[subdir]["shards"]):
+        units = list(self.units(subdir))
+        if order_seed is not None:
+            random.Random(order_seed).shuffle(units)
+        consumed = 0  # records of this rank in the units before the current one
+        for index, row_group, rows in units[rank::world_size]:
+            if consumed + rows <= start:
+                consumed += rows
+                continue
+            skip = max(start - consumed, 0)  # rows of this unit consumed before
             path, name = self._shard_file(index, subdir)
             with open_shard(path, name, PARTS[subdir]) as parquet:
-                if parquet.metadata.num_rows != shard["records"]:
-                    raise CacheError(
-                        f"{name} holds {parquet.metadata.num_rows} records but {_manifest_name(subdir)} records {shard['records']}"
-                    )
-                for row_group in range(parquet.metadata.num_row_groups):
-                    mine = unit % world_size == rank
-                    unit += 1
-                    if not mine:
-                        continue
-                    rows = parquet.metadata.row_group(row_group).num_rows
-                    if consumed + rows <= start:
-                        consumed += rows
-                        continue
-                    skip = max(start - consumed, 0)  # rows of this row group consumed before
-                    for batch in iter_row_group(parquet, name, row_group, read_columns):
-                        dropped = min(skip, batch.num_rows)
-                        skip -= dropped
-                        consumed += dropped
-                        for record in self._decode(batch.slice(dropped), name, row_group, decode):
-                            consumed += 1
-                            record.cursor = consumed
-                            yield record
+                for batch in iter_row_group(parquet, name, row_group, read_columns):
+                    dropped = min(skip, batch.num_rows)
+                    skip -= dropped
+                    consumed += dropped
+                    for record in self._decode(batch.slice(dropped), name, row_group, decode):
+                        consumed += 1
+                        record.cursor = consumed
+                        yield record
 
     def _decode(self, batch, name: str, row_group: int, decode: Callable) -> list:
         try:

@@ -5,10 +5,12 @@ are, and each image is read from the trainer's image root and checked against th
 at extraction.
 
 `RecordStream` reads one rank's (and one DataLoader worker's) part of the cache through
-`Cache.records(rank, world_size)`, shuffles it with a buffer, and starts a new epoch when the part
-runs out, so ranks with unequal record counts still take the same number of steps. Its whole state
-(epoch, reader cursor, the cursors of the records in the buffer, RNG) rides along with every batch,
-so a checkpoint can resume the stream exactly where the consumed batches left it.
+`Cache.records(rank, world_size, order_seed=...)`: every epoch permutes the cache's (shard, row group)
+units with a seed of its own before they are split over parts, then a buffer shuffles records on top.
+A new epoch starts when the part runs out, so ranks with unequal record counts still take the same
+number of steps. Its whole state (seed, epoch, reader cursor, the cursors of the records in the
+buffer, RNG) rides along with every batch, so a checkpoint can resume the stream exactly where the
+consumed batches left it.
 """
 
 from __future__ import annotations
@@ -37,35 +39,39 @@ class RecordStream:
     def __init__(self, cache: Cache, part: int, parts: int, seed: int, buffer_size: int = SHUFFLE_BUFFER,
                  state: dict | None = None, preference: bool = False) -> None:
         self.cache, self.part, self.parts, self.buffer_size = cache, part, parts, buffer_size
-        self.read_part = cache.preference_records if preference else cache.records
-        self.epoch, self.read, self.buffer = 0, 0, []
+        self.read = cache.preference_records if preference else cache.records
+        self.seed, self.epoch, self.cursor, self.buffer = seed, 0, 0, []
         self.rng = random.Random(f"{seed}/{part}/{parts}")
         if state is not None:
             self._restore(state)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "read": self.read, "buffer": [r.cursor for r in self.buffer],
+        return {"seed": self.seed, "epoch": self.epoch, "read": self.cursor, "buffer": [r.cursor for r in self.buffer],
                 "rng": self.rng.getstate()}
 
+    def read_part(self, start: int):
+        """This part's records of the current epoch from record `start` on: all parts read one unit order."""
+        return self.read(self.part, self.parts, start=start, order_seed=f"{self.seed}/epoch{self.epoch}")
+
     def _restore(self, state: dict) -> None:
-        self.epoch, self.read = state["epoch"], state["read"]
+        self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["read"]
         self.rng.setstate(_as_rng_state(state["rng"]))
         wanted = state["buffer"]
         if wanted:  # re-read the window that holds the buffered records, keep those, in buffer order
             by_cursor = {}
-            for rec in self.read_part(self.part, self.parts, start=min(wanted) - 1):
-                if rec.cursor > self.read:
+            for rec in self.read_part(start=min(wanted) - 1):
+                if rec.cursor > self.cursor:
                     break
                 by_cursor[rec.cursor] = rec
             self.buffer = [by_cursor[c] for c in wanted]
 
     def __iter__(self):
         while True:
-            source = self.read_part(self.part, self.parts, start=self.read)
-            got_any = self.read > 0 or bool(self.buffer)
+            source = self.read_part(start=self.cursor)
+            got_any = self.cursor > 0 or bool(self.buffer)
             for rec in source:
                 got_any = True
-                self.read = rec.cursor
+                self.cursor = rec.cursor
                 if len(self.buffer) < self.buffer_size:
                     self.buffer.append(rec)
                     continue
@@ -77,7 +83,7 @@ class RecordStream:
             if not got_any:
                 raise ValueError(f"part {self.part} of {self.parts} of {self.cache.path} holds no records; "
                                  f"use fewer processes/workers than the cache has row groups")
-            self.epoch, self.read = self.epoch + 1, 0
+            self.epoch, self.cursor = self.epoch + 1, 0
 
 
 def _as_rng_state(state) -> tuple:
@@ -88,10 +94,12 @@ def _as_rng_state(state) -> tuple:
 
 @dataclass
 class Batch:
-    """A padded batch. The distilled positions are flattened over the batch: N = total stored positions."""
+    """A right-padded batch (B rows), or a packed one: every record in one row of B = 1 with no padding,
+    `position_ids` restarting at 0 per record (transformers then keeps attention inside each record).
+    The distilled positions are flattened over the batch: N = total stored positions."""
 
     input_ids: torch.Tensor  # (B, T) int64
-    attention_mask: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64: 1 on tokens, 0 on padding (all 1 when packed)
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W) fp32
     flat_positions: torch.Tensor  # (N,) int64: b * T + t of each stored position t
     kinds: torch.Tensor  # (N,) int8: POSITION_KINDS
@@ -99,7 +107,14 @@ class Batch:
     topk_ids: torch.Tensor  # (N, k) int64
     topk_logprobs: torch.Tensor  # (N, k) fp32
     sample_ids: list[str]
+    position_ids: torch.Tensor | None = None  # (1, T) int64 when packed: each record's positions from 0
     stream_state: dict | None = None  # the stream's state after this batch was drawn
+
+    def model_inputs(self) -> dict:
+        """The student's (and an online teacher's) keyword arguments: packed rows pass position ids and no mask."""
+        mask = None if self.position_ids is not None else self.attention_mask
+        return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids,
+                "pixel_values": self.pixel_values, "use_cache": False}
 
     def to(self, device) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
@@ -143,18 +158,20 @@ class ImageLoader:
         return Image.open(path).convert("RGB")
 
 
-def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader) -> Batch:
-    """Right-padded batch of records, with their stored positions flattened over the batch."""
-    T = max(len(r.input_ids) for r in records)
-    ids = torch.full((len(records), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(records), T), dtype=torch.long)  # (B, T)
+def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader, pack: bool = False) -> Batch:
+    """Right-padded batch of records (or, with pack, one row of them all), stored positions flattened over it."""
+    lengths = [len(r.input_ids) for r in records]
+    rows, T = (1, sum(lengths)) if pack else (len(records), max(lengths))
+    ids = torch.full((rows, T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((rows, T), dtype=torch.long)  # (B, T)
     flat, kinds, targets, topk_ids, topk_lp = [], [], [], [], []
     for b, r in enumerate(records):
-        n = len(r.input_ids)
-        ids[b, :n] = torch.from_numpy(r.input_ids.astype(np.int64))
-        mask[b, :n] = 1
+        n = lengths[b]
+        start = sum(lengths[:b]) if pack else b * T  # flat index of the record's first token
+        ids.view(-1)[start : start + n] = torch.from_numpy(r.input_ids.astype(np.int64))
+        mask.view(-1)[start : start + n] = 1
         pos = r.positions.astype(np.int64)  # (P,)
-        flat.append(b * T + pos)
+        flat.append(start + pos)
         kinds.append(r.position_kinds)
         targets.append(r.input_ids[pos + 1].astype(np.int64))  # position t predicts token t + 1
         topk_ids.append(r.topk_ids.astype(np.int64))
@@ -167,6 +184,7 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader) -> B
         topk_ids=torch.from_numpy(np.concatenate(topk_ids)),
         topk_logprobs=torch.from_numpy(np.concatenate(topk_lp)),
         sample_ids=[r.sample_id for r in records],
+        position_ids=torch.cat([torch.arange(n) for n in lengths])[None] if pack else None,  # (1, T)
     )
 
 
@@ -234,8 +252,10 @@ class BatchStream(torch.utils.data.IterableDataset):
     Batch of distillation records, or PreferenceBatch of preference pairs with preference=True."""
 
     def __init__(self, cache_path: Path, rank: int, world_size: int, batch_size: int, seed: int, pad_id: int,
-                 image_root: Path | None, image_processor, states: dict | None = None, preference: bool = False) -> None:
+                 image_root: Path | None, image_processor, states: dict | None = None, preference: bool = False,
+                 pack: bool = False) -> None:
         self.cache_path, self.rank, self.world_size = cache_path, rank, world_size
+        self.pack = pack  # distillation batches only: one row per micro-batch, no padding
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
         self.image_root, self.image_processor = image_root, image_processor
         self.states = states or {}  # worker id -> RecordStream state
@@ -249,8 +269,11 @@ class BatchStream(torch.utils.data.IterableDataset):
                               preference=self.preference)
         images = ImageLoader(self.image_root, self.image_processor)
         records = iter(stream)
-        make = collate_preference if self.preference else collate
         while True:
-            batch = make([next(records) for _ in range(self.batch_size)], self.pad_id, images)
+            drawn = [next(records) for _ in range(self.batch_size)]
+            if self.preference:
+                batch = collate_preference(drawn, self.pad_id, images)
+            else:
+                batch = collate(drawn, self.pad_id, images, self.pack)
             batch.stream_state = {"worker": worker, "state": stream.state()}
             yield batch

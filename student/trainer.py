@@ -68,14 +68,18 @@ class StudentWithLoss(torch.nn.Module):
                 teacher_logprobs: torch.Tensor | None = None):
         if self.tap is not None:
             self.tap.reset()  # router logits of this forward only
-        out = self.llava.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                               use_cache=False)
+        if isinstance(b, Sequences):
+            out = self.llava.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
+                                   use_cache=False)
+        else:
+            out = self.llava.model(**b.model_inputs())
         hidden = out.last_hidden_state  # (B, T, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[b.flat_positions]  # (N, H) at the predicting positions
         weight = self.llava.get_output_embeddings().weight  # (V, H): used here, inside the wrapped forward
+        unused = self._projector_on_nothing(hidden) if b.pixel_values is None else 0.0  # 0-dim 0 or 0.0
         if isinstance(b, Sequences):
             logq = target_logprobs(hidden, weight, b.targets)  # (N,) fp32
-            return sequence_logprobs(logq, b.sequence_index, b.ref_logps.shape[0])  # (S,)
+            return sequence_logprobs(logq, b.sequence_index, b.ref_logps.shape[0]) + unused  # (S,)
         used = kd_mask | lm_mask  # (N,) positions any weighted loss reads
         hidden = hidden[used]  # (n, H)
         if teacher_logprobs is not None:  # online comparison: the teacher's full distribution at the used positions
@@ -92,7 +96,15 @@ class StudentWithLoss(torch.nn.Module):
         kd = masked_sum(forward_kl(logq_topk, logp, logq_tail if self.tail else None), kd_mask[used])
         lm = masked_sum(-logq_target, lm_mask[used])
         aux = self.tap.aux_loss(b.attention_mask) if self.tap is not None else torch.zeros((), device=hidden.device)
-        return kd, lm, aux.to(hidden.device)
+        return kd, lm, aux.to(hidden.device) + unused
+
+    def _projector_on_nothing(self, like: torch.Tensor) -> torch.Tensor:
+        """0, computed by the projector from an empty input: a text-only batch still uses every projector weight
+        (with gradient 0), as LLaVA's own training does, so DDP needs find_unused_parameters for MoE students only
+        and ZeRO-3 gathers the projector as it does on image batches."""
+        projector = self.llava.model.multi_modal_projector
+        first = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear))
+        return projector(like.new_zeros(0, first.in_features)).sum()  # 0-dim
 
 
 def build_student(cfg: TrainConfig, log=print):
@@ -116,11 +128,12 @@ def build_student(cfg: TrainConfig, log=print):
 
 def train(cfg: TrainConfig, log=print) -> Path:
     """Trains cfg.stage; writes checkpoints and OUT/final (HF format); returns OUT/final."""
+    ddp = DistributedDataParallelKwargs()  # find_unused_parameters is set below, once the student is known
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several processes on a CPU-only machine: gloo (MULTI_CPU)
         mixed_precision=_precision(cfg.mixed_precision), log_with="tensorboard", project_dir=str(cfg.out),
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # unrouted experts get no grad
+        kwargs_handlers=[ddp])
     given = cfg.grad_accum
     cfg = for_processes(cfg, accelerator.num_processes)  # recorded resolved: a resume derives the same
     _claim_out(cfg, accelerator)
@@ -130,6 +143,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model, processor, trained = build_student(cfg, log if accelerator.is_main_process else _quiet)
     check_student_matches_cache(cache, model, processor, cfg.student, None if preference else cfg.kd_positions)
     tap = RouterTap(model, cfg.routing) if is_sparse(model) else None
+    ddp.find_unused_parameters = tap is not None  # unrouted experts get no gradient; a dense student uses every weight
     teacher = _online_teacher(cfg, accelerator) if cfg.online_teacher else None
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
@@ -146,7 +160,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         if accelerator.is_main_process:
             _drop_metrics_after(cfg.out / "metrics.jsonl", step)
     data = BatchStream(cfg.cache, accelerator.process_index, accelerator.num_processes, cfg.batch_size, cfg.seed,
-                       processor.tokenizer.pad_token_id, cfg.image_root, processor.image_processor, streams, preference)
+                       processor.tokenizer.pad_token_id, cfg.image_root, processor.image_processor, streams, preference,
+                       cfg.pack)
     loader_rng = torch.Generator().manual_seed(cfg.seed)  # the DataLoader draws a seed: not from the restored global RNG
     batches = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.num_workers, generator=loader_rng))
     if accelerator.is_main_process:
@@ -252,8 +267,7 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, mi
 
 @torch.no_grad()
 def _teacher_logprobs(teacher, b: Batch, used: torch.Tensor) -> torch.Tensor:
-    out = teacher.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                        use_cache=False).last_hidden_state  # (B, T, H_t)
+    out = teacher.model(**b.model_inputs()).last_hidden_state  # (B, T, H_t)
     hidden = out.reshape(-1, out.shape[-1])[b.flat_positions][used]  # (n, H_t)
     return torch.log_softmax(teacher.get_output_embeddings()(hidden).float(), dim=-1)  # (n, V) fp32
 
@@ -278,9 +292,13 @@ def _save_final(model, processor, final: Path, cfg: TrainConfig) -> None:
 def _claim_out(cfg: TrainConfig, accelerator: Accelerator) -> None:
     """OUT/train_config.json records the run; a rerun resumes only with the same options."""
     path = cfg.out / "train_config.json"
-    ours = cfg.to_json()
+    ours = {**cfg.to_json(), "processes": accelerator.num_processes}
     if path.exists():
         theirs = json.loads(path.read_text())
+        if theirs.get("processes", ours["processes"]) != ours["processes"]:
+            raise ValueError(f"{cfg.out} was trained by {theirs['processes']} process(es), this launch has "
+                             f"{ours['processes']}: resume it with {theirs['processes']} (each process's place in "
+                             f"the data stream is its own; another count would repeat or skip records of the epoch)")
         diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k) and k != "save_every")
         if diff:
             raise ValueError(f"{cfg.out} holds a run with other options ({', '.join(diff)} differ); "

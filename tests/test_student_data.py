@@ -51,8 +51,15 @@ def take(stream_iter, n: int) -> list:
     return list(itertools.islice(stream_iter, n))
 
 
-def part_size(cache: Cache, part: int, parts: int) -> int:
-    return sum(1 for _ in cache.records(part, parts))
+def part_records(cache: Cache, part: int, parts: int, seed: int, epoch: int = 0) -> list:
+    """The records of one part in one epoch, in reading order (before the buffer shuffles them)."""
+    stream = RecordStream(cache, part, parts, seed)
+    stream.epoch = epoch
+    return list(stream.read_part(start=0))
+
+
+def part_size(cache: Cache, part: int, parts: int, seed: int = 0, epoch: int = 0) -> int:
+    return len(part_records(cache, part, parts, seed, epoch))
 
 
 # ---------------------------------------------------------------- RecordStream: partition, epochs, resume
@@ -65,8 +72,8 @@ def test_parts_of_one_epoch_are_every_record_exactly_once(cache, parts):
     seen = []
     for part in range(parts):
         n = part_size(cache, part, parts)
-        assert n > BUFFER  # each part fills its buffer, replaces and drains
-        stream = RecordStream(cache, part, parts, seed=0, buffer_size=BUFFER)
+        assert n > 3  # each part fills its buffer, replaces and drains (a part holds >= 2 units of >= 2 records)
+        stream = RecordStream(cache, part, parts, seed=0, buffer_size=3)
         it = iter(stream)
         epoch = ids(take(it, n))
         assert stream.epoch == 0
@@ -80,14 +87,25 @@ def test_parts_of_one_epoch_are_every_record_exactly_once(cache, parts):
 
 def test_every_epoch_is_the_whole_part_in_a_new_order(cache):
     part, parts = 1, 3
-    n = part_size(cache, part, parts)
     it = iter(RecordStream(cache, part, parts, seed=3, buffer_size=3))
-    epochs = [ids(take(it, n)) for _ in range(3)]
-    in_file_order = ids(cache.records(part, parts))
-    for epoch in epochs:
-        assert sorted(epoch) == sorted(in_file_order)
-    assert len({tuple(e) for e in epochs}) == 3  # reshuffled every epoch
-    assert epochs[0] != in_file_order  # and shuffled at all
+    for epoch in range(3):
+        read = ids(part_records(cache, part, parts, seed=3, epoch=epoch))  # this epoch's units, in reading order
+        got = ids(take(it, len(read)))
+        assert sorted(got) == sorted(read)  # the epoch is exactly its part
+        assert got != read  # and the buffer shuffled it
+
+
+def test_each_epoch_permutes_the_units_before_splitting_them(cache):
+    """Parts of one epoch are disjoint and cover the cache; the unit order changes between epochs and seeds."""
+    every = sorted(ids(cache.records()))
+    orders = {}
+    for seed, epoch in [(0, 0), (0, 1), (0, 2), (1, 0)]:
+        parts = [ids(part_records(cache, part, 3, seed, epoch)) for part in range(3)]
+        assert sorted(sum(parts, [])) == every
+        orders[seed, epoch] = tuple(parts[0])
+    assert len(set(orders.values())) == 4
+    assert orders[0, 0] == tuple(ids(part_records(cache, 0, 3, 0, 0)))  # the seed decides: same seed, same order
+    assert ids(part_records(cache, 0, 1, 0, 0)) != ids(cache.records())  # not the file's order
 
 
 def test_seed_changes_the_order(cache):
@@ -114,7 +132,7 @@ RESUME_POINTS = {
 @pytest.mark.parametrize("part,parts", [(0, 1), (1, 3)])
 @pytest.mark.parametrize("point", list(RESUME_POINTS))
 def test_resume_from_a_json_state_continues_exactly(cache, part, parts, point):
-    N = part_size(cache, part, parts)
+    N = part_size(cache, part, parts, seed=1)  # epoch 0; later epochs' parts may differ in size
     n = RESUME_POINTS[point](N)
     stream = RecordStream(cache, part, parts, seed=1, buffer_size=BUFFER)
     it = iter(stream)
@@ -125,7 +143,7 @@ def test_resume_from_a_json_state_continues_exactly(cache, part, parts, point):
     if point == "epoch_end":
         assert state["buffer"] == [] and state["epoch"] == 0
     if point.startswith("epoch2"):
-        assert state["epoch"] == 1
+        assert state["epoch"] == 1 and state["read"] > 0
     expected = take(it, 40)
     resumed = RecordStream(cache, part, parts, seed=1, buffer_size=BUFFER, state=state)
     got = take(iter(resumed), 40)
@@ -316,3 +334,14 @@ def test_dataloader_workers_resume_without_losing_or_repeating_records(cache, wo
     for worker in (0, 1):
         n = len(resumed[worker])
         assert n > 0 and resumed[worker] == straight[worker][:n]
+
+
+def test_a_cache_written_source_by_source_trains_mixed_from_the_start(tmp_path):
+    """A data file sorted by source (A then B) gives shards of A then shards of B; the first 64 records a
+    rank trains on must mix both, with the default shuffle buffer (1024 records, fewer than source A holds)."""
+    from test_store_helpers import build_cache
+
+    build_cache(tmp_path, [300] * 8, row_group_size=32)  # shards 0-3: source A, 4-7: source B
+    first = ids(take(iter(RecordStream(Cache.open(tmp_path), 0, 1, seed=0)), 64))
+    from_b = sum(int(i.split("-")[0][1:]) >= 4 for i in first)
+    assert 16 <= from_b <= 48, f"{from_b} of the first 64 records come from source B"

@@ -122,6 +122,37 @@ def test_gradient_checkpointing_gives_the_same_gradient(full_cache, student_dir,
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("stage", ["d2d", "d2s"])
+def test_a_packed_batch_gives_the_loss_and_gradient_of_the_padded_one(full_cache, student_dir, world, tmp_path, stage):
+    """Records of different lengths (and images) packed into one row with per-record position ids: the same
+    KL, CE, MoE aux loss and gradients as right-padded rows; the online teacher reads the packed row alike."""
+    records = first_records(full_cache, 6)
+    assert len({len(r.input_ids) for r in records}) > 1  # padding to remove
+    cfg = config(tmp_path, full_cache, student_dir, world, stage=stage, lm_weight=1.0, aux_loss_coef=0.01)
+    torch.manual_seed(0)
+    model, processor, _ = build_student(cfg, log=lambda *a: None)
+    tap = RouterTap(model, cfg.routing) if stage == "d2s" else None
+    teacher = AutoModelForImageTextToText.from_pretrained(student_dir).eval()  # any model reading the same inputs
+    results = []
+    for pack in (False, True):
+        b = collate(records, processor.tokenizer.pad_token_id, ImageLoader(world, processor.image_processor), pack)
+        assert (b.input_ids.shape[0] == 1 and b.attention_mask.all()) if pack else not b.attention_mask.all()
+        model.zero_grad()
+        losses = StudentWithLoss(model, tap=tap)(b, b.kind_mask("response"), b.kind_mask("response"))
+        (losses[0] + losses[1] + losses[2]).backward()
+        online = _teacher_logprobs(teacher, b, b.kind_mask("response"))
+        results.append((torch.stack(losses).detach(), online, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                                if p.grad is not None}))
+    (l_pad, t_pad, g_pad), (l_pack, t_pack, g_pack) = results
+    assert (l_pad[2] > 0) == (stage == "d2s")
+    torch.testing.assert_close(l_pack, l_pad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t_pack, t_pad, rtol=1e-5, atol=1e-5)
+    assert g_pad.keys() == g_pack.keys() and len(g_pad) > 5
+    for name in g_pad:  # other row layouts sum in another order: atol relative to the tensor's scale (fp32 noise)
+        scale = g_pad[name].abs().max().item()
+        torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
 def weights(run_dir: Path) -> dict:
     return load_file(run_dir / "final" / "model.safetensors")
 
@@ -200,3 +231,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(full_cache, student_d
     assert not (cfg.out / "final").exists()
 
 
+
+
+def test_resume_onto_another_number_of_processes_is_refused(tmp_path):
+    """Each process's stream position is its own: a run resumed by another process count is refused by name."""
+    from types import SimpleNamespace
+
+    from modkd.student.trainer import _claim_out
+
+    cfg = TrainConfig(stage="d2d", cache=tmp_path / "cache", student="s", out=tmp_path / "run")
+    launch = lambda n: SimpleNamespace(num_processes=n, is_main_process=True, wait_for_everyone=lambda: None)  # noqa: E731
+    _claim_out(cfg, launch(2))
+    _claim_out(cfg, launch(2))  # the same count resumes
+    with pytest.raises(ValueError, match="trained by 2 process.*resume it with 2"):
+        _claim_out(cfg, launch(1))
