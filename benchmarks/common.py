@@ -47,8 +47,9 @@ def machine_line(m: dict) -> str:
             f"torch {m['torch']}, device {m['device']}{gpu}")
 
 
-def passages(tokenizer, n: int, tokens: int, text_dir: Path = TEXT_DIR) -> list[str]:
-    """`n` consecutive windows of `tokens` teacher tokens of the papers' text, decoded back to strings.
+def passages(tokenizer, n: int, tokens: int | list[int], text_dir: Path = TEXT_DIR) -> list[str]:
+    """`n` consecutive windows of `tokens` teacher tokens (or tokens[i] for window i) of the papers' text,
+    decoded back to strings.
 
     Each paper is taken from its abstract on (the title block is a run of author names, not prose);
     windows wrap around if the text runs out (the two papers are ~38k SmolLM2 tokens)."""
@@ -60,10 +61,12 @@ def passages(tokenizer, n: int, tokens: int, text_dir: Path = TEXT_DIR) -> list[
     texts = [t[t.lower().find("abstract"):] if "abstract" in t.lower() else t for t in texts]
     text = "\n\n".join(" ".join(t.split()) for t in texts)  # whitespace collapsed
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # (N_text,)
-    out = []
-    for i in range(n):
-        start = (i * tokens) % max(1, len(ids) - tokens)
-        out.append(tokenizer.decode(ids[start : start + tokens]).strip())
+    lengths = [tokens] * n if isinstance(tokens, int) else list(tokens)
+    out, offset = [], 0
+    for length in lengths:
+        start = offset % max(1, len(ids) - length)
+        out.append(tokenizer.decode(ids[start : start + length]).strip())
+        offset += length
     return out
 
 

@@ -1,13 +1,18 @@
-"""python benchmarks/student_step.py [--records 64] [--tokens 256] [--batch-size 8] [--steps 10] [--warmup 2]
+"""python benchmarks/student_step.py [--records 64] [--min-tokens 32] [--tokens 256] [--batch-size 8] [--steps 10]
 
-One student training step, three ways, side by side in one run on the same student and the same batches:
+One student training step, four ways, side by side in one run on the same student and the same records:
 
   sft      TrainConfig(stage="sft", kd_weight=0, lm_weight=1): cross-entropy on the response tokens
   offline  TrainConfig(stage="d2d", kd_weight=1, lm_weight=0): KL to the cached top-20 teacher
            distribution at the response positions, read from a real cache (teacher=None)
+  packed   the same offline step on packed batches (`pack=True`: each micro-batch's records in one row,
+           no padding, position ids restarting per record)
   online   the same d2d config with `online_teacher` set: the trainer's comparison path, where the
            teacher (loaded by the trainer's own `_online_teacher`, fp32, eval, no grad) runs a forward
            pass on every batch and the KL is taken against its full-vocabulary log-softmax
+
+Records have random lengths (answers of --min-tokens to --tokens tokens, uniform), as a real transfer set
+has, so right-padded batches carry padding; the padding share (padded slots / all slots) is reported.
 
 A step is the trainer's loop body without data loading and logging: `accumulate_gradients` (one
 micro-batch, grad_accum=1), `accelerator.clip_grad_norm_`, the loss `.item()` the trainer checks,
@@ -85,7 +90,8 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
 p.add_argument("--teacher", default="smollm2-135m", help="preset or local HF directory whose TOKENIZER the random models use")
 p.add_argument("--text-dir", type=Path, default=TEXT_DIR)
 p.add_argument("--records", type=int, default=64)  # the cache; the steps read (warmup + steps) * batch-size records, cycling
-p.add_argument("--tokens", type=int, default=256)  # passage length in tokens; + ~15 chat-template tokens per record
+p.add_argument("--tokens", type=int, default=256)  # longest passage in tokens; + ~15 chat-template tokens per record
+p.add_argument("--min-tokens", type=int, default=32)  # shortest passage: lengths are uniform in [min, tokens]
 p.add_argument("--batch-size", type=int, default=8)  # TrainConfig's default
 p.add_argument("--steps", type=int, default=10)  # timed steps per method
 p.add_argument("--warmup", type=int, default=2)  # untimed steps per method before the peak counter is reset
@@ -98,10 +104,11 @@ MiB = 2**20
 STUDENT_LLM = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768)
 TEACHER_LLM = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536)
 MIN_TEACHER_RATIO = 2.5
-METHODS = {  # name: (stage, kd_weight, lm_weight, online teacher)
-    "sft": ("sft", 0.0, 1.0, False),
-    "offline": ("d2d", 1.0, 0.0, False),
-    "online": ("d2d", 1.0, 0.0, True),
+METHODS = {  # name: (stage, kd_weight, lm_weight, online teacher, packed batches)
+    "sft": ("sft", 0.0, 1.0, False, False),
+    "offline": ("d2d", 1.0, 0.0, False, False),
+    "packed": ("d2d", 1.0, 0.0, False, True),
+    "online": ("d2d", 1.0, 0.0, True, False),
 }
 PRELOAD = ["torch", "transformers", "accelerate", "modkd.student.trainer", "transformers.models.llava.modeling_llava",
            "transformers.models.qwen2.modeling_qwen2", "transformers.models.clip.modeling_clip"]
@@ -126,10 +133,10 @@ def measure(conn, method: str, student_dir: str, teacher_dir: str, cache_dir: st
     from modkd.student.trainer import StudentWithLoss, _online_teacher, _precision, accumulate_gradients, build_student
 
     after_imports = resident()
-    stage, kd_weight, lm_weight, online = METHODS[method]
+    stage, kd_weight, lm_weight, online, pack = METHODS[method]
     cfg = TrainConfig(stage=stage, cache=cache_dir, student=student_dir, out=out_dir, batch_size=args.batch_size,
                       seed=args.seed, kd_weight=kd_weight, lm_weight=lm_weight,
-                      online_teacher=teacher_dir if online else None)
+                      online_teacher=teacher_dir if online else None, pack=pack)
     accelerator = Accelerator(cpu=not CUDA, mixed_precision=_precision(cfg.mixed_precision))
     set_seed(cfg.seed)
     model, processor, _ = build_student(cfg, log=lambda *a, **k: None)
@@ -139,7 +146,7 @@ def measure(conn, method: str, student_dir: str, teacher_dir: str, cache_dir: st
     wrapped, optimizer = accelerator.prepare(StudentWithLoss(model, distil=bool(cfg.kd_weight), tail=cfg.tail),
                                              optimizer)
     stream = iter(BatchStream(cfg.cache, 0, 1, cfg.batch_size, cfg.seed, processor.tokenizer.pad_token_id,
-                              None, processor.image_processor))
+                              None, processor.image_processor, pack=cfg.pack))
     batches = [next(stream).to(accelerator.device) for _ in range(args.warmup + args.steps)]
     touch(model)
     gc.collect()
@@ -236,7 +243,9 @@ def main() -> None:
         print(f"student {student_params:,} parameters, teacher {teacher_params:,} ({ratio:.2f}x), V={V}", flush=True)
         if ratio < MIN_TEACHER_RATIO:
             raise SystemExit(f"teacher is only {ratio:.2f}x the student; the issue asks for >= {MIN_TEACHER_RATIO}x")
-        data = write_jsonl(work / "passages.jsonl", llava_records(passages(tok, args.records, args.tokens, args.text_dir)))
+        lengths = torch.randint(args.min_tokens, args.tokens + 1, (args.records,),
+                                generator=torch.Generator().manual_seed(args.seed)).tolist()
+        data = write_jsonl(work / "passages.jsonl", llava_records(passages(tok, args.records, lengths, args.text_dir)))
         t = time.perf_counter()
         summary = run(ExtractConfig(teacher=str(work / "teacher"), data=data, out=work / "cache", top_k=args.top_k,
                                     positions="response"))
@@ -265,8 +274,13 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    sft, off, on = rows["sft"], rows["offline"], rows["online"]
+    sft, off, packed, on = rows["sft"], rows["offline"], rows["packed"], rows["online"]
+    for r in rows.values():
+        r["padding_share"] = 1 - sum(r["tokens_per_step"]) / sum(r["padded_tokens_per_step"])
+        r["tokens_per_s"] = statistics.fmean(r["tokens_per_step"]) / r["median_s"]
     ratios = {"offline_vs_sft_time": off["median_s"] / sft["median_s"],
+              "packed_vs_padded_time": packed["median_s"] / off["median_s"],
+              "packed_vs_padded_memory": packed["peak_bytes"] / off["peak_bytes"],
               "offline_vs_sft_memory": off["peak_bytes"] / sft["peak_bytes"],
               "online_vs_offline_time": on["median_s"] / off["median_s"],
               "offline_vs_online_memory": off["peak_bytes"] / on["peak_bytes"],
@@ -278,7 +292,7 @@ def main() -> None:
     results = {"machine": m, "tokenizer": args.teacher, "vocab": V, "precision": sft["precision"],
                "student_llm": STUDENT_LLM, "teacher_llm": TEACHER_LLM, "student_params": student_params,
                "teacher_params": teacher_params, "teacher_over_student": ratio,
-               "trained_params": sft["trained_params"], "records": args.records, "tokens": args.tokens,
+               "trained_params": sft["trained_params"], "records": args.records, "tokens": args.tokens, "min_tokens": args.min_tokens,
                "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps, "top_k": args.top_k,
                "tokens_per_batch": statistics.fmean(tokens),
                "distilled_positions_per_batch": statistics.fmean(sft["distilled_positions_per_step"]),
@@ -294,10 +308,14 @@ def main() -> None:
           f"{teacher_params / 1e6:.1f}M ({ratio:.2f}x), V={V}, {results['precision']}; {args.steps} timed steps of "
           f"{args.batch_size} records (~{results['tokens_per_batch']:.0f} tokens, "
           f"~{results['distilled_positions_per_batch']:.0f} distilled positions) after {args.warmup} warm-up")
-    print(f"{'method':8s} {'median s':>9s} {'mean s':>8s} {'peak MiB':>9s} {'process MiB':>12s} {'step MiB':>9s}")
+    print(f"{'method':8s} {'median s':>9s} {'mean s':>8s} {'peak MiB':>9s} {'process MiB':>12s} {'step MiB':>9s} "
+          f"{'tokens/s':>9s} {'padding':>8s}")
     for name, r in rows.items():
         print(f"{name:8s} {r['median_s']:9.3f} {r['mean_s']:8.3f} {r['peak_bytes'] / MiB:9.0f} "
-              f"{r['process_peak_bytes'] / MiB:12.0f} {r['step_peak_bytes'] / MiB:9.0f}")
+              f"{r['process_peak_bytes'] / MiB:12.0f} {r['step_peak_bytes'] / MiB:9.0f} {r['tokens_per_s']:9.0f} "
+              f"{r['padding_share']:8.2f}")
+    print(f"  {'packed / padded offline, time':32s} {ratios['packed_vs_padded_time']:6.2f}x, peak memory "
+          f"{ratios['packed_vs_padded_memory']:.2f}x")
     labels = {"offline_vs_sft_time": "offline / sft, step time", "offline_vs_sft_memory": "offline / sft, peak memory",
               "online_vs_offline_time": "online / offline, step time", "offline_vs_online_memory": "offline / online, peak memory"}
     for k, label in labels.items():

@@ -10,6 +10,7 @@ flags given, then each --set key=value) into a TrainConfig, printed whole, and h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,13 +26,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 
 
 def parse_set(items: list[str]) -> dict:
-    """key=value pairs; values are read as YAML scalars (5e-4 -> float, true -> bool, null -> None)."""
+    """key=value pairs, each value read as its key's type: float and int keys by Python (YAML reads 5e-4 as a
+    string), string keys as the text given (YAML reads mixed_precision=no as False), the rest as YAML scalars
+    (true -> bool, null -> None)."""
     out = {}
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in TrainConfig.keys():
-            raise typer.BadParameter(f"--set {item!r}: expected key=value with key one of {sorted(TrainConfig.keys())}")
-        out[key] = yaml.safe_load(value)
+        if not sep or key not in types:
+            raise typer.BadParameter(f"--set {item!r}: expected key=value with key one of {sorted(types)}")
+        parse = {"float": float, "int": int, "str": str}.get(types[key], yaml.safe_load)
+        try:
+            out[key] = parse(value)
+        except ValueError:
+            raise typer.BadParameter(f"--set {item!r}: {key} takes a {types[key]}") from None
     return out
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from safetensors import safe_open
 
+from .engine import is_sharded
+
 KEEP = 2  # the newest, and the one before it in case the newest is from a run that then went bad
 
 
@@ -48,8 +50,11 @@ def save(accelerator: Accelerator, out: Path, step: int, stream_state: dict) -> 
 
 def load(accelerator: Accelerator, model, path: Path) -> tuple[int, dict]:
     """Restores model, optimizer, scheduler and RNG; returns (step, this process's stream state)."""
-    accelerator.load_state(str(path), strict=False)  # safetensors stores no zero-size tensors (empty shared experts)
-    _check_every_weight_was_stored(accelerator.unwrap_model(model), path / "model.safetensors")
+    if is_sharded(accelerator):  # FSDP / DeepSpeed read their own sharded layout, strictly
+        accelerator.load_state(str(path))
+    else:
+        accelerator.load_state(str(path), strict=False)  # safetensors stores no zero-size tensors (empty shared experts)
+        _check_every_weight_was_stored(accelerator.unwrap_model(model), path / "model.safetensors")
     mine = path / f"stream-rank{accelerator.process_index}.json"
     if not mine.is_file():
         raise ValueError(f"{path} was written by a run with fewer processes (no {mine.name}); "

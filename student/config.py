@@ -64,6 +64,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
+            if f.type == "str" and not isinstance(value, str):
+                raise ValueError(f"{f.name} must be a string, got {value!r} (YAML reads no/yes/on/off as booleans: "
+                                 f"quote the value, e.g. {f.name}: 'no')")
         self.image_root = None if self.image_root is None else Path(self.image_root)
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; stages: {', '.join(STAGES)}")

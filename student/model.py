@@ -40,8 +40,9 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, AutoProcessor.from_pretrained(path)
 
 
-def save_pretrained(model, out: str | Path) -> Path:
-    """`model.save_pretrained(out)`, then its safetensors rewritten in the layout real checkpoints use.
+def save_pretrained(model, out: str | Path, state_dict: dict | None = None) -> Path:
+    """`model.save_pretrained(out, state_dict=...)`, then its safetensors rewritten in the layout real checkpoints
+    use. `state_dict`: the full weights where the model's own are sharded (FSDP, ZeRO-3: accelerator.get_state_dict).
 
     transformers 5.x writes a LLaVA CLIP tower as `vision_tower.embeddings.*` where the Hub's llava-hf
     checkpoints (and so vLLM) have `vision_tower.vision_model.*`, and writes zero-size tensors for a
@@ -50,7 +51,7 @@ def save_pretrained(model, out: str | Path) -> Path:
     same logits (it lists the empty tensors as missing and rebuilds them empty).
     """
     out = Path(out)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     index = out / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     weight_map = {}

@@ -16,13 +16,12 @@ KL terms are batch means by definition (LLaVA-MoD's code, per device): they stay
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from accelerate import Accelerator
 
 from .config import TrainConfig
 from .data import PreferenceBatch
+from .engine import backward_scale
 from .preference import dpo_loss, kto_loss, kto_pair_loss
 
 # summed over micro-batches and processes, then divided by the pair count (all but "examples")
@@ -44,9 +43,8 @@ def accumulate_preference(cfg: TrainConfig, accelerator: Accelerator, wrapped,
         ref_mismatched = torch.cat([b.mismatched.ref_logps for b in micro])  # (M,) fp64
     sums = torch.zeros(len(PAIR_STATS) + 2, dtype=torch.float64, device=accelerator.device)  # loss, stats, tokens
     z = None
-    for i, b in enumerate(micro):
-        sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else nullcontext()  # all-reduce on the last only
-        with sync:
+    for b in micro:
+        with accelerator.accumulate(wrapped):  # gradients synchronised (DeepSpeed: stepped) after the last only
             with accelerator.autocast():
                 logps = wrapped(b.policy)  # (2B,) fp32: chosen then rejected
             B, ref = len(b.sample_ids), b.policy.ref_logps
@@ -59,7 +57,7 @@ def accumulate_preference(cfg: TrainConfig, accelerator: Accelerator, wrapped,
                 out = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], cfg.pref_beta)
             else:
                 out = kto_pair_loss(logps[:B], logps[B:], ref[:B], ref[B:], cfg.pref_beta)
-            accelerator.backward(out["losses"].sum() / examples * accelerator.num_processes)  # DDP averages
+            accelerator.backward(out["losses"].sum() / examples * backward_scale(accelerator))
         sums += torch.cat([out["losses"].detach().sum()[None], _pair_stats(logps.detach(), ref, B, cfg.pref_beta),
                            b.policy.attention_mask.sum()[None]]).double()
     sums = reduce(sums)

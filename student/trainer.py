@@ -23,7 +23,6 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,8 +36,8 @@ from modkd.store import Cache
 from . import checkpoint
 from .checks import check_student_matches_cache
 from .config import TrainConfig, for_processes
-from .data import Batch, BatchStream
-from .data import Sequences
+from .data import Batch, BatchStream, Sequences
+from .engine import backward_scale, configure_engine
 from .losses import forward_kl, masked_sum, student_logprobs, target_logprobs
 from .model import freeze_for, is_sparse, load_student, save_pretrained, upcycle
 from .pd import accumulate_preference
@@ -61,6 +60,8 @@ class StudentWithLoss(torch.nn.Module):
     def __init__(self, llava, distil: bool = True, tail: bool = False, tap=None) -> None:
         super().__init__()
         self.llava, self.tap = llava, tap
+        present = {type(m).__name__ for m in llava.modules()}  # FSDP's auto-wrap units: the layer classes in use
+        self._no_split_modules = sorted(set(getattr(llava, "_no_split_modules", None) or ()) & present)
         self.distil = distil  # False (kd_weight 0: init, sft): no top-k gathers, no KL work at all
         self.tail = tail and distil
 
@@ -136,6 +137,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         kwargs_handlers=[ddp])
     given = cfg.grad_accum
     cfg = for_processes(cfg, accelerator.num_processes)  # recorded resolved: a resume derives the same
+    configure_engine(accelerator, cfg)
     _claim_out(cfg, accelerator)
     set_seed(cfg.seed)
     cache = Cache.open(cfg.cache)
@@ -151,6 +153,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     wrapped, optimizer, scheduler = accelerator.prepare(
         StudentWithLoss(model, distil=bool(cfg.kd_weight), tail=cfg.tail, tap=tap), optimizer, scheduler)
+    params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 replaces the parameters with sharded ones
 
     step, streams = 0, {}
     resume = checkpoint.latest(cfg.out)
@@ -184,7 +187,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         else:
             losses = _kd_step(cfg, accelerator, wrapped, micro, teacher)
             shown, mask = {"kd": losses["loss/kd"], "lm": losses["loss/lm"]}, micro[-1].attention_mask
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # DeepSpeed: clipped (and stepped) already
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         if not all(math.isfinite(x) for x in (*losses.values(), grad_norm)):
             raise TrainingDiverged(
                 f"non-finite loss at step {step + 1} ({', '.join(f'{k} {v}' for k, v in losses.items())}, grad norm "
@@ -205,8 +209,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
             checkpoint.save(accelerator, cfg.out, step, streams)
     bar.close()
     final = cfg.out / "final"
+    weights = accelerator.get_state_dict(wrapped)  # every process: FSDP and ZeRO-3 gather the full weights to rank 0
     if accelerator.is_main_process:
-        _save_final(accelerator.unwrap_model(wrapped).llava, processor, final, cfg)
+        weights = {k.removeprefix("llava."): v for k, v in weights.items()}
+        _save_final(accelerator.unwrap_model(wrapped).llava, weights, processor, final, cfg)
         log(f"[train] saved {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers and the process group: last
@@ -252,14 +258,13 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, mi
     local = torch.stack([sum(m.sum() for m in kd_masks), sum(m.sum() for m in lm_masks)]).double()  # (2,)
     n_kd, n_lm = accelerator.reduce(local, "sum").clamp(min=1).tolist()  # clamp: all-masked gives 0, not NaN
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # kd, lm, aux, tokens
-    for i, (b, kd_mask, lm_mask) in enumerate(zip(micro, kd_masks, lm_masks)):
-        sync = accelerator.no_sync(wrapped) if i < len(micro) - 1 else nullcontext()  # all-reduce on the last only
-        with sync:
+    for b, kd_mask, lm_mask in zip(micro, kd_masks, lm_masks):
+        with accelerator.accumulate(wrapped):  # gradients synchronised (DeepSpeed: stepped) after the last only
             with accelerator.autocast():  # the online teacher under the same autocast as the student
                 teacher_logprobs = None if teacher is None else _teacher_logprobs(teacher, b, kd_mask | lm_mask)
                 kd, lm, aux = wrapped(b, kd_mask, lm_mask, teacher_logprobs)
-            loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * accelerator.num_processes  # DDP averages
-            loss = loss + cfg.aux_loss_coef * aux / len(micro)
+            loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * backward_scale(accelerator)
+            loss = loss + cfg.aux_loss_coef * aux / len(micro) * accelerator.gradient_accumulation_steps
             accelerator.backward(loss)
         sums += torch.stack([kd.detach(), lm.detach(), aux.detach() / len(micro), b.attention_mask.sum()]).double()
     return accelerator.reduce(sums, "sum"), n_kd, n_lm
@@ -279,9 +284,9 @@ def _online_teacher(cfg: TrainConfig, accelerator: Accelerator):
     return teacher.to(accelerator.device).eval()
 
 
-def _save_final(model, processor, final: Path, cfg: TrainConfig) -> None:
+def _save_final(model, weights: dict, processor, final: Path, cfg: TrainConfig) -> None:
     tmp = final.with_name(final.name + ".tmp")
-    save_pretrained(model, tmp)  # the Hub's layout: vLLM and lmms-eval load it as saved
+    save_pretrained(model, tmp, weights)  # the Hub's layout: vLLM and lmms-eval load it as saved
     processor.save_pretrained(tmp)
     (tmp / "modkd_train_config.json").write_text(json.dumps(cfg.to_json(), indent=1))
     if final.exists():

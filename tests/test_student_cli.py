@@ -17,6 +17,7 @@ import pytest
 from conftest import accelerate_launch
 from modkd.extract.run import ExtractConfig, run
 from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
+from modkd.student.config import TrainConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 MOD_STUDENT = str(Path(sys.executable).with_name("mod-student"))
@@ -121,3 +122,13 @@ def test_grad_accum_follows_the_global_batch_and_the_process_count():
         for_processes(d2d, 3)
     given = for_processes(build_config("d2d", paths, {"grad_accum": 2}, None, []), 3)
     assert given.grad_accum == 2 and given.global_batch == 16 * 2 * 3  # explicit wins; the real global batch recorded
+
+
+def test_set_keeps_string_values_as_text():
+    """YAML reads `no` as False: a string key must keep the text, a typed key still gets its YAML type."""
+    from modkd.pipelines.cli_student import parse_set
+
+    assert parse_set(["mixed_precision=no", "lr=5e-4", "tail=true", "online_teacher=null"]) == {
+        "mixed_precision": "no", "lr": 5e-4, "tail": True, "online_teacher": None}
+    with pytest.raises(ValueError, match="mixed_precision must be a string.*quote"):
+        TrainConfig(stage="d2d", cache="c", student="s", out="o", mixed_precision=False)
