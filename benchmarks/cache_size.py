@@ -11,6 +11,10 @@ topk_ids k*4 + topk_logprobs k*4 + target_logprob 4 + position 4 + kind 1 = 8k +
 record's input_ids (4 bytes per token) spread over its positions. The ratio raw / Parquet is what zstd
 and Parquet's encodings buy. Anchors (DESIGN 3): DistillKit 127-344 B/position, Megatron offline KD
 ~528 B/position before zstd, RS-KD reimplementation ~37 B/position (sampled ids + counts).
+
+The same cache is then converted to the WebDataset format (`mod-store convert`, same records and units)
+and measured the same way: the tar's bytes per position, split into member payload (zstd .npy arrays,
+the .json) and tar framing (a 512-byte header per member, data padded to 512 bytes, end blocks).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 import io
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +37,7 @@ from transformers import AutoTokenizer
 
 from common import TEXT_DIR, llava_records, machine, machine_line, passages, save_results, write_jsonl
 from modkd.extract.teacher import resolve
-from modkd.store import Cache, shard_paths
+from modkd.store import Cache, convert_cache, shard_paths
 
 ANCHORS = {"DistillKit (low)": 127, "DistillKit (high)": 344, "Megatron, before zstd": 528, "RS-KD": 37}
 DIST_COLUMNS = ("positions", "position_kinds", "topk_ids", "topk_logprobs", "target_logprobs")
@@ -88,8 +93,21 @@ for label, options in WHAT_IF.items():
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=256, **options)  # 256: mod-extract default
     what_if[label] = buf.tell() / P
+wds_dir = work / "cache-wds"
+convert_cache(cache.path, wds_dir, "webdataset", log=lambda *a: None)
+wds = Cache.open(wds_dir)
+payload: dict[str, int] = {}  # member field -> compressed bytes
+for s in range(wds.manifest["num_shards"]):
+    with tarfile.open(shard_paths(wds_dir, s, wds.manifest["num_shards"], fmt="webdataset")[0]) as tar:
+        for member in tar:
+            field = member.name.partition(".")[2]
+            payload[field] = payload.get(field, 0) + member.size
+wds_bytes = wds.manifest["totals"]["bytes"]
+webdataset = {"bytes": wds_bytes, "bytes_per_position": wds_bytes / P, "ratio_vs_parquet": wds_bytes / total["bytes"],
+              "payload_bytes_per_position": {f: b / P for f, b in payload.items()},
+              "tar_framing_bytes_per_position": (wds_bytes - sum(payload.values())) / P}
 results = {
-    "machine": m, "teacher": args.teacher, "top_k": k, "records": total["records"], "positions": P,
+    "machine": m, "webdataset": webdataset, "teacher": args.teacher, "top_k": k, "records": total["records"], "positions": P,
     "input_tokens": tokens, "parquet_bytes": total["bytes"], "bytes_per_position": total["bytes_per_position"],
     "distribution_bytes_per_position": dist_bytes / P, "raw_bytes_per_position": raw / P,
     "compression_ratio": raw / total["bytes"], "mean_topk_mass": total["mean_topk_mass"],
@@ -109,6 +127,11 @@ print(f"  raw arrays, uncompressed        {results['raw_bytes_per_position']:7.1
       f"({8 * k + 9} + 4 * {tokens / P:.2f} input tokens/position); raw / Parquet = {results['compression_ratio']:.2f}x")
 print(f"  mean top-{k} mass {total['mean_topk_mass']:.3f}, mean top-{k} entropy {total['mean_topk_entropy']:.3f} nats")
 print("  per column, B/position: " + ", ".join(f"{c} {b / P:.1f}" for c, b in columns.items()))
+print(f"  WebDataset (tar, zstd .npy)    {webdataset['bytes_per_position']:7.1f} B/position  ({wds_bytes} bytes, "
+      f"{webdataset['ratio_vs_parquet']:.2f}x Parquet): member payload "
+      f"{sum(payload.values()) / P:.1f} + tar framing {webdataset['tar_framing_bytes_per_position']:.1f}")
+print("  WebDataset payload per member, B/position: "
+      + ", ".join(f"{f} {b:.1f}" for f, b in webdataset["payload_bytes_per_position"].items()))
 for label, b in what_if.items():
     print(f"  what-if, {label}: {b:.1f} B/position ({b / results['bytes_per_position']:.2f}x)")
 print(f"  {'anchor (DESIGN 3)':24s} {'B/position':>10s} {'Parquet/anchor':>15s} {'raw/anchor':>11s}")

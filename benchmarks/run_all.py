@@ -21,10 +21,14 @@ from common import RESULTS, machine, machine_line
 
 def extract_throughput(r: dict) -> list[str]:
     mm = r["methods"]
-    return [f"extraction throughput, {r['teacher']} (V={r['vocab']}), {r['tokens']} tokens in batches of {r['batch_size']}:",
+    images = f"{r['records']} records with images, " if r.get("images") else ""
+    return [f"extraction throughput, {r['teacher']} (V={r['vocab']}), {images}{r['tokens']} tokens in batches of {r['batch_size']}:",
             f"  HFBackend.run top-{r['top_k']} / bare forward       {mm['extractor']['ratio_vs_bare']:.2f}x  (target >= 0.9x)",
             f"  run(ExtractConfig) end to end / bare     {mm['end_to_end']['ratio_vs_bare']:.2f}x  "
-            f"({mm['end_to_end']['tokens_per_s']:.0f} tokens/s, {mm['end_to_end']['records_per_s']:.2f} records/s)"]
+            f"({mm['end_to_end']['tokens_per_s']:.0f} tokens/s, {mm['end_to_end']['records_per_s']:.2f} records/s)",
+            f"  overlapped (--encode-workers {r['encode_workers']}) / serial   {r['overlapped_vs_serial']:.2f}x  "
+            f"(/ bare {mm['overlapped']['ratio_vs_bare']:.2f}x; encoding alone {r['encode_s']:.2f} s of the serial "
+            f"{mm['end_to_end']['best_s']:.2f} s)"]
 
 
 def extract_memory(r: dict) -> list[str]:
@@ -42,6 +46,8 @@ def cache_size(r: dict) -> list[str]:
             f"  {r['bytes_per_position']:.1f} B/position zstd Parquet (raw {r['raw_bytes_per_position']:.1f}, "
             f"raw/Parquet {r['compression_ratio']:.2f}x); top-{r['top_k']} mass {r['mean_topk_mass']:.3f}, "
             f"top-{r['top_k']} entropy {r['mean_topk_entropy']:.2f} nats",
+            f"  {r['webdataset']['bytes_per_position']:.1f} B/position WebDataset tar ({r['webdataset']['ratio_vs_parquet']:.2f}x "
+            f"Parquet; tar framing {r['webdataset']['tar_framing_bytes_per_position']:.1f})",
             f"  ours / anchor: {anchors}"]
 
 
@@ -51,6 +57,8 @@ def student_step(r: dict) -> list[str]:
             f"({r['teacher_over_student']:.1f}x), V={r['vocab']}, batches of {r['batch_size']} x ~{r['tokens_per_batch'] / r['batch_size']:.0f} tokens:",
             f"  offline KD / SFT        time {q['offline_vs_sft_time']:.2f}x, peak memory {q['offline_vs_sft_memory']:.2f}x  (targets <= 1.10x)",
             f"  online / offline KD     time {q['online_vs_offline_time']:.2f}x  (target >= 1.8x)",
+            f"  packed / padded batches time {q['packed_vs_padded_time']:.2f}x, peak memory {q['packed_vs_padded_memory']:.2f}x "
+            f"(padding share {mm['offline']['padding_share']:.2f} -> {mm['packed']['padding_share']:.2f})",
             f"  offline / online KD     peak memory {q['offline_vs_online_memory']:.2f}x  (target <= 0.5x; "
             f"{mm['offline']['peak_bytes'] / 2**20:.0f} vs {mm['online']['peak_bytes'] / 2**20:.0f} MiB above the shared student)"]
 
@@ -59,6 +67,8 @@ def reader(r: dict) -> list[str]:
     workers = ", ".join(f"{t['median_data_wait_share']:.2f} with {t['workers']} worker(s)" for t in r["trainer"])
     return [f"reader, toy world cache ({r['reader']['records']} records, {r['reader']['positions']} positions, top-20):",
             f"  Cache.records()          {r['reader']['positions_per_s']:,.0f} positions/s (one thread)",
+            *[f"    {name:22s} {f['positions_per_s']:,.0f} positions/s, {f['bytes_per_position']:.1f} B/position"
+              for name, f in r["formats"].items()],
             f"  BatchStream batches      {r['batches']['positions_per_s']:,.0f} positions/s with images and collation (one thread)",
             f"  trainer data-wait share  {workers} (toy 0.25M student, batch {r['batch_size']}: an upper bound)"]
 
@@ -75,7 +85,9 @@ def extract_vllm(r: dict) -> list[str]:
 
 
 BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size,
-              "student_step": student_step, "reader": reader, "extract_vllm": extract_vllm}
+              "student_step": student_step, "reader": reader, "extract_vllm": extract_vllm,
+              "extract_throughput_images": extract_throughput}
+SCRIPTS = {"extract_throughput_images": ["extract_throughput.py", "--teacher", "toy-llava"]}  # name -> script and its own args
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"  # bash pipelines/vllm-cpu-env.sh
 
 if __name__ == "__main__":
@@ -94,7 +106,8 @@ if __name__ == "__main__":
         python = sys.executable
         if name == "extract_vllm" and importlib.util.find_spec("vllm") is None:  # vLLM lives in its own environment
             python = str(VLLM_PYTHON)
-        if subprocess.run([python, str(here / f"{name}.py"), *passthrough]).returncode != 0:
+        script, *own = SCRIPTS.get(name, [f"{name}.py"])
+        if subprocess.run([python, str(here / script), *passthrough, *own]).returncode != 0:  # own args win
             failed.append(name)
         seconds[name] = time.perf_counter() - t
     print("\n=== summary ===")

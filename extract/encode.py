@@ -28,6 +28,7 @@ from .records import RawRecord
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's data convention, whatever the teacher's own image token is
+INTERNAL_ERROR = "internal_error"  # an unexpected exception on one record: rejected, and the exit status is non-zero
 RESPONSE, INSTRUCTION, IMAGE = POSITION_KINDS["response"], POSITION_KINDS["instruction"], POSITION_KINDS["image"]
 
 
@@ -37,6 +38,9 @@ class Rejected(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
         self.kind, self.reason = kind, reason
+
+    def __reduce__(self):  # comes back whole from an encoding worker process
+        return Rejected, (self.kind, self.reason)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,26 +35,27 @@ from modkd.store import (
     SHARDS_SUBDIR,
     DISTILL_SCHEMA,
     DistillRecord,
-    ShardWriter,
+    FORMATS,
     finalize_manifest,
     read_done_marker,
-    sha256_file,
     shard_paths,
+    shard_writer,
     write_done_marker,
     write_json_atomic,
     write_text_atomic,
 )
 
-from .encode import Encoded, Encoder, Rejected, select_positions
+from .data_index import prepare, read_shard
+from .encode import INTERNAL_ERROR, Encoded, Encoder, Rejected, select_positions
 from .hf_backend import HFBackend
-from .preference import PreferenceEncoder, is_preference_data, mismatched_partners, score_pairs
-from .records import RawRecord, iter_shard, read_records
+from .preference import PreferenceEncoder, mismatched_partners, score_pairs
+from .overlap import Overlap
+from .records import RawRecord
 from .teacher import Teacher, load_teacher
 from .vllm_backend import VLLMBackend, VLLMOptions, engine_info
 
 WINDOW_BATCHES = 16  # records are encoded, length-sorted and batched in windows of this many batches: less padding, bounded memory
 BACKENDS = ("auto", "hf", "vllm")
-INTERNAL_ERROR = "internal_error"  # an unexpected exception on one record: rejected, and the exit status is non-zero
 
 
 @dataclass
@@ -69,12 +71,15 @@ class ExtractConfig:
     max_length: int = 4096  # longer records are rejected, not truncated: a cut response would be a wrong target
     num_workers: int = 1
     worker_index: int = 0
-    row_group_size: int = 256  # Parquet row group: the unit of rank splitting and of streaming reads
+    row_group_size: int = 256  # Parquet row group / WebDataset chunk: the unit of rank splitting and of streaming reads
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
     trust_remote_code: bool = False  # never run a checkpoint's own Python unless asked
     backend: str = "auto"  # auto: vllm when it imports (the fast path on GPUs), else hf
     vllm: VLLMOptions | None = None  # engine options for --backend vllm (None: VLLMOptions())
+    encode_workers: int | None = None  # processes encoding ahead of the teacher (0: serial); None: default_encode_workers
+    format: str = "parquet"  # shard format: parquet | webdataset (store/webdataset.py); Parquet is smaller
+    embed_images: bool = False  # webdataset: carry each image's bytes, so training needs no image root
 
 
 def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend | VLLMBackend | None = None,
@@ -85,9 +90,12 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend |
     benchmarks) with one loaded teacher; a backend passed in is not closed here."""
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise ValueError(f"--worker-index {cfg.worker_index} must be in [0, --num-workers {cfg.num_workers})")
+    if cfg.format not in FORMATS or (cfg.embed_images and (cfg.format != "webdataset" or cfg.image_root is None)):
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}; --embed-images needs "
+                         "--format webdataset and --image-root")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
-    records = read_records(cfg.data)
+    preference, subdir, index = prepare(cfg.data, cfg.out, cfg.shards)  # the data is scanned once per extraction
     backend_name = resolve_backend(cfg.backend)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
@@ -100,9 +108,7 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend |
         "transformers" if backend_name == "hf" else f"vLLM {engine['vllm']['version']}, {engine['vllm']['logprobs_mode']}"))
     if teacher is None:
         teacher = load_teacher(cfg.teacher, dtype, device, cfg.trust_remote_code, load_weights=backend_name == "hf")
-    preference = is_preference_data(records)
-    subdir = PREFERENCE_SUBDIR if preference else SHARDS_SUBDIR
-    header = _header(cfg, teacher, preference, engine)
+    header = _header(cfg, teacher, preference, engine, index["sha256"])
     _claim_out_dir(cfg.out / ("" if subdir == SHARDS_SUBDIR else subdir), header)
 
     mine = [s for s in range(cfg.shards) if s % cfg.num_workers == cfg.worker_index]
@@ -114,7 +120,7 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend |
                 teacher, cfg.top_k, str(dtype).removeprefix("torch."), cfg.vllm or VLLMOptions(), cfg.trust_remote_code,
                 log)
         try:
-            _extract_shards(cfg, todo, records, teacher, backend, preference, subdir)
+            _extract_shards(cfg, todo, index, teacher, backend, preference, subdir, device)
         finally:
             if own:
                 backend.close()
@@ -124,22 +130,60 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend |
             "preference": preference, "backend": backend_name, "internal_errors": internal, "manifest": manifest}
 
 
-def _extract_shards(cfg: ExtractConfig, todo: list[int], records: list[RawRecord], teacher: Teacher, backend,
-                    preference: bool, subdir: str) -> None:
-    shard_records = {s: list(iter_shard(records, s, cfg.shards)) for s in todo}
-    total = sum(len(raws) for raws in shard_records.values())
+def _extract_shards(cfg: ExtractConfig, todo: list[int], index: dict, teacher: Teacher, backend, preference: bool,
+                    subdir: str, device: str) -> None:
+    """Windows of records flow read -> encode (worker processes) -> teacher (here) -> write (a thread), in order."""
     kind = "preference pairs" if preference else "records"
     encoder = (PreferenceEncoder if preference else Encoder)(teacher.tokenizer, teacher.processor, cfg.image_root,
                                                              cfg.max_length)
-    with tqdm(total=total, unit="rec", desc=f"extract {kind}, worker {cfg.worker_index}/{cfg.num_workers}") as bar:
-        for s, raws in shard_records.items():
-            if preference:
-                partners = mismatched_partners(raws)  # KTO's pairing: fixed by the shard's records alone
-                _extract_shard(cfg, s, raws, lambda raw: encoder.encode_pair(raw, partners[raw.index]),
-                               lambda encoded: score_pairs(encoded, backend), bar, subdir)
-            else:
-                _extract_shard(cfg, s, raws, encoder.encode, lambda encoded: _distil(encoded, backend, cfg), bar,
-                               subdir)
+    process = (lambda encoded: score_pairs(encoded, backend)) if preference else (lambda encoded: _distil(encoded, backend, cfg))
+    workers = default_encode_workers(device) if cfg.encode_workers is None else cfg.encode_workers
+    total = sum(index["shards"][s]["count"] for s in todo)
+    sink = None
+    with Overlap(encoder, workers) as overlap, tqdm(total=total, unit="rec",
+                                                    desc=f"extract {kind}, worker {cfg.worker_index}/{cfg.num_workers}") as bar:
+        try:
+            for (shard, items, last), encoded in overlap.encoded(_windows(cfg, todo, index, preference)):
+                if sink is None:
+                    sink = _ShardSink(cfg, shard, subdir)
+                    overlap.write(sink.open)
+                rejects = [_reject(raw, e) for (raw, _), e in zip(items, encoded) if isinstance(e, Rejected)]
+                kept = [(raw, e) for (raw, _), e in zip(items, encoded) if not isinstance(e, Rejected)]
+                records = []
+                if items:
+                    for (raw, _), rec in zip(kept, process([e for _, e in kept])):
+                        if isinstance(rec, Rejected):
+                            rejects.append(_reject(raw, rec))
+                        else:
+                            records.append(rec)
+                overlap.write(sink.write, len(items), records, rejects)
+                if last:
+                    overlap.write(sink.finish)
+                    sink = None
+                bar.update(len(items))
+        except BaseException:
+            if sink is not None:
+                overlap.write(sink.abort)  # after the jobs before it: removes the shard's temporary file
+            raise
+
+
+def default_encode_workers(device: str) -> int:
+    """0 on CPU: the teacher's forward already uses every core, and on 2 cores encoding in processes measured
+    0.91x the serial throughput (benchmarks/extract_throughput.py). 2 on a GPU, where the forward is far faster
+    than encoding on one thread (a guess sized for a few CPU cores per GPU: not yet measured on a GPU)."""
+    return 2 if device.startswith("cuda") else 0
+
+
+def _windows(cfg: ExtractConfig, todo: list[int], index: dict, preference: bool):
+    """(shard, [(raw record, KTO partner or None)], last window of the shard?) for the shards in `todo`, each
+    read from its own byte range of the data file; an empty shard is one empty window."""
+    size = cfg.batch_size * WINDOW_BATCHES
+    for shard in todo:
+        raws = read_shard(cfg.data, index, shard)
+        partners = mismatched_partners(raws) if preference else {}  # KTO's pairing: fixed by the shard's records alone
+        items = [(raw, partners.get(raw.index)) for raw in raws]
+        for start in range(0, len(items), size) or [0]:
+            yield shard, items[start : start + size], start + size >= len(items)
 
 
 def resolve_backend(choice: str) -> str:
@@ -149,37 +193,62 @@ def resolve_backend(choice: str) -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def _extract_shard(cfg, shard: int, raws: list[RawRecord], encode, process, bar, subdir: str) -> None:
-    """encode(raw) -> an encoded record or Rejected; process(encoded list) -> a cache record or Rejected for
-    each, in order (a backend may refuse a record too: vLLM's prompt differing from the processor's)."""
-    parquet, rejects_path, _ = shard_paths(cfg.out, shard, cfg.shards, subdir)
-    parquet.parent.mkdir(parents=True, exist_ok=True)
-    for stale in parquet.parent.glob(f".{parquet.stem}*"):  # temporaries of a killed run
-        stale.unlink()
-    rejects: list[dict] = []
-    window = cfg.batch_size * WINDOW_BATCHES
-    schema = PREFERENCE_SCHEMA if subdir == PREFERENCE_SUBDIR else DISTILL_SCHEMA
-    with ShardWriter(parquet, schema=schema, row_group_size=cfg.row_group_size) as writer:
-        for start in range(0, len(raws), window):
-            chunk = raws[start : start + window]
-            encoded, kept = [], []
-            for raw in chunk:
-                try:
-                    encoded.append(encode(raw))
-                    kept.append(raw)
-                except Rejected as r:
-                    rejects.append(_reject(raw, r))
-                except Exception as e:  # a bug or a library's surprise on one record: recorded, the run goes on
-                    rejects.append(_reject(raw, Rejected(INTERNAL_ERROR, f"{type(e).__name__}: {e}")))
-            for raw, rec in zip(kept, process(encoded)):
-                if isinstance(rec, Rejected):
-                    rejects.append(_reject(raw, rec))
-                else:
-                    writer.write(rec)
-            bar.update(len(chunk))
-    write_text_atomic(rejects_path, "".join(json.dumps(r) + "\n" for r in rejects))
-    write_done_marker(cfg.out, shard, cfg.shards, len(raws), dict(Counter(r["kind"] for r in rejects)), writer.stats,
-                      subdir)
+class _ShardSink:
+    """One shard's output, written on the writer thread: records in order, then its rejects and done marker."""
+
+    def __init__(self, cfg: ExtractConfig, shard: int, subdir: str):
+        self.cfg, self.shard, self.subdir = cfg, shard, subdir
+        self.records_in, self.written, self.rejects = 0, 0, []
+        self.ok = False  # every step so far succeeded: only then may finish() complete the shard
+
+    def open(self) -> None:
+        cfg = self.cfg
+        parquet, self.rejects_path, _ = shard_paths(cfg.out, self.shard, cfg.shards, self.subdir, cfg.format)
+        parquet.parent.mkdir(parents=True, exist_ok=True)
+        for stale in parquet.parent.glob(f".{parquet.stem}*"):  # temporaries of a killed run
+            stale.unlink()
+        schema = PREFERENCE_SCHEMA if self.subdir == PREFERENCE_SUBDIR else DISTILL_SCHEMA
+        self.writer = shard_writer(cfg.format, parquet, schema, cfg.row_group_size, cfg.image_root, cfg.embed_images)
+        self.writer.__enter__()
+        self.ok = True
+
+    def write(self, records_in: int, records: list, rejects: list[dict]) -> None:
+        if not self.ok:
+            return
+        self.ok = False
+        for rec in records:
+            self.writer.write(rec)
+            self.written += 1
+            _test_exit_hook(self.written)
+        self.records_in += records_in
+        self.rejects += rejects
+        self.ok = True
+
+    def finish(self) -> None:
+        if not self.ok:  # a step failed (its error is raised in the teacher's thread): never mark this shard complete
+            return self.abort()
+        self.writer.__exit__(None, None, None)
+        write_text_atomic(self.rejects_path, "".join(json.dumps(r) + "\n" for r in self.rejects))
+        write_done_marker(self.cfg.out, self.shard, self.cfg.shards, self.records_in,
+                          dict(Counter(r["kind"] for r in self.rejects)), self.writer.stats, self.subdir)
+
+    def abort(self) -> None:
+        if hasattr(self, "writer"):
+            self.writer.__exit__(RuntimeError, None, None)  # closes and removes the temporary file
+
+
+TEST_EXIT_HOOK = "MODKD_TEST_EXIT_MIDSHARD"  # tests only: "N:FLAG" exits the process after N records of a shard, once
+
+
+def _test_exit_hook(written_in_shard: int) -> None:
+    """How tests kill a worker in the middle of a shard, once: when FLAG does not exist yet, create it and exit
+    (tests/test_ray.py: Ray retries the task, which redoes the shard)."""
+    hook = os.environ.get(TEST_EXIT_HOOK)
+    if hook:
+        after, flag = hook.split(":", 1)
+        if written_in_shard == int(after) and not Path(flag).exists():
+            Path(flag).touch()
+            os._exit(17)
 
 
 def _reject(raw: RawRecord, r: Rejected) -> dict:
@@ -205,19 +274,20 @@ def _distil(encoded: list[Encoded], backend: HFBackend | VLLMBackend, cfg) -> li
     return out
 
 
-def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool, engine: dict) -> dict:
+def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool, engine: dict, data_sha256: str) -> dict:
     fp = teacher.fingerprint
     settings = {"top_k": cfg.top_k, "encoding": "topk", "positions": cfg.positions, "max_length": cfg.max_length,
                 "shards": cfg.shards, **engine}
     if preference:  # top-k and positions do not apply: every response token's log-prob is stored
         settings = {"kind": "preference", "max_length": cfg.max_length, "shards": cfg.shards, **engine,
                     "mismatched_pairing": "nearest earlier record in the shard (cyclic) with a different chosen"}
+    settings.update(format=cfg.format, **({"embed_images": True} if cfg.embed_images else {}))  # how shards are stored
     return {
         "teacher": {k: fp[k] for k in ("name", "source", "config_sha256", "weights_sha256", "vocab_size", "dtype")},
         "tokenizer_sha256": fp["tokenizer_sha256"],
         "image_processor_sha256": fp["image_processor_sha256"],
         "image_tokens_per_image": _image_tokens(teacher),
-        "data": {"name": cfg.data.name, "sha256": sha256_file(cfg.data)},
+        "data": {"name": cfg.data.name, "sha256": data_sha256},  # from the scan (extract/data_index.py)
         "image_root": None if cfg.image_root is None else str(Path(cfg.image_root).resolve()),  # the trainer's default
         "settings": settings,
     }

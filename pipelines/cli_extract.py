@@ -3,6 +3,8 @@
     mod-extract --teacher toy-teacher --data world/train.jsonl --image-root world/ --out cache/ --shards 8
     mod-extract --teacher toy-teacher --data world/pref.jsonl --image-root world/ --out cache/   # preference pairs
     mod-extract --backend vllm --tensor-parallel-size 2 --teacher qwen15-7b-llava ...         # the teacher under vLLM
+    mod-extract --format webdataset --embed-images ...                                        # tar shards, images inside
+    mod-extract --ray --num-workers 8 --teacher qwen15-7b-llava ...        # 8 Ray tasks (--ray-address ADDR: a cluster)
 
 Thin: parses options into an ExtractConfig, prints it whole, calls `modkd.extract.run.run`.
 """
@@ -18,7 +20,7 @@ import typer
 from modkd.extract.run import BACKENDS, ExtractConfig, config_dict, run
 from modkd.extract.teacher import PRESETS
 from modkd.extract.vllm_backend import VLLMOptions
-from modkd.store import POSITION_MODES
+from modkd.store import FORMATS, POSITION_MODES
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
@@ -38,7 +40,15 @@ def extract(
     max_length: int = typer.Option(4096, min=2, help="records longer than this (after image expansion) are rejected"),
     num_workers: int = typer.Option(int(os.environ.get("WORLD_SIZE", 1)), min=1, help="default: $WORLD_SIZE"),
     worker_index: int = typer.Option(int(os.environ.get("RANK", 0)), min=0, help="default: $RANK"),
-    row_group_size: int = typer.Option(256, min=1, help="records per Parquet row group"),
+    ray: bool = typer.Option(False, "--ray", help="run all --num-workers workers as Ray tasks (pip install "
+                                                  "'modkd[ray]'); without --ray-address: $RAY_ADDRESS or a local cluster"),
+    ray_address: str = typer.Option(None, help="the Ray cluster to run on (auto, ray://HOST:10001, ...); implies --ray"),
+    encode_workers: int = typer.Option(None, min=0, help="processes encoding records ahead of the teacher (0: serial "
+                                                         "in this process); default 2 on GPU, 0 on CPU"),
+    row_group_size: int = typer.Option(256, min=1, help="records per Parquet row group / WebDataset chunk"),
+    shard_format: str = typer.Option("parquet", "--format", help="shard format: parquet | webdataset (tar shards)"),
+    embed_images: bool = typer.Option(False, help="webdataset: carry the image bytes in the shards (no image root "
+                                                  "needed to train)"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     trust_remote_code: bool = typer.Option(False, help="allow the checkpoint's own Python code to run"),
@@ -55,18 +65,27 @@ def extract(
 ):
     if backend not in BACKENDS:
         raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}")
+    if shard_format not in FORMATS or (embed_images and shard_format != "webdataset"):
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}; --embed-images needs --format webdataset")
     if positions not in POSITION_MODES:
         raise typer.BadParameter(f"--positions must be one of {', '.join(POSITION_MODES)}")
     cfg = ExtractConfig(teacher=teacher, data=data, out=out, image_root=image_root, shards=shards, top_k=top_k,
                         positions=positions, batch_size=batch_size, max_length=max_length, num_workers=num_workers,
                         worker_index=worker_index, row_group_size=row_group_size, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code, backend=backend,
+                        trust_remote_code=trust_remote_code, backend=backend, format=shard_format,
+                        embed_images=embed_images, encode_workers=encode_workers,
                         vllm=VLLMOptions(tensor_parallel_size, gpu_memory_utilization, max_model_len,
                                          max_num_batched_tokens, enforce_eager))
     typer.echo(f"mod-extract config: {json.dumps(config_dict(cfg))}")
-    summary = run(cfg)
+    if ray or ray_address:
+        from modkd.extract.ray_engine import run_on_ray  # Ray is optional: imported only here
+
+        summary = run_on_ray(cfg, ray_address, log=typer.echo)
+    else:
+        summary = run(cfg)
     manifest = summary.pop("manifest")
-    typer.echo(f"worker {worker_index}/{num_workers}: {json.dumps(summary)}")
+    who = f"Ray, {num_workers} workers" if ray or ray_address else f"worker {worker_index}/{num_workers}"
+    typer.echo(f"{who}: {json.dumps(summary)}")
     _report(summary, manifest, out)
     if summary["internal_errors"]:  # after the whole run: every other record is cached
         typer.echo(f"mod-extract: {summary['internal_errors']} record(s) of this worker's shards raised an unexpected "

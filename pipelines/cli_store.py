@@ -1,4 +1,8 @@
-"""`mod-store verify cache/` and `mod-store inspect cache/ [--json]`: check and summarise a cache.
+"""`mod-store verify cache/` and `mod-store inspect cache/ [--json]`: check and summarise a cache (either format).
+
+`mod-store convert cache/ cache-wds/ --format webdataset [--embed-images]` rewrites a finished cache in
+another shard format (store/convert.py). `mod-store status cache/ [--json]` lists each part's complete,
+partial and missing shards and whether its manifest is final (store/status.py), also during an extraction.
 
 Thin: parses the path, calls modkd.store, prints. Exit status 1 when the cache has problems.
 """
@@ -10,7 +14,8 @@ from pathlib import Path
 
 import typer
 
-from modkd.store import Cache, CacheError, verify_cache
+from modkd.store import FORMATS, Cache, CacheError, convert_cache, verify_cache
+from modkd.store.status import cache_status, ranges
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Check and summarise a modkd teacher-logit cache.")
 
@@ -57,6 +62,46 @@ def inspect(
         _print_table(rows, cache.manifest["rejects"])
     if preference is not None:
         typer.echo(f"preference pairs: {_preference_line(preference)}")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="a finished cache"),
+    dst: Path = typer.Argument(..., help="new directory (a rerun finishes an interrupted conversion)"),
+    shard_format: str = typer.Option(..., "--format", help=" | ".join(FORMATS)),
+    embed_images: bool = typer.Option(False, help="webdataset: carry the image bytes (read under --image-root)"),
+    image_root: Path = typer.Option(None, exists=True, file_okay=False,
+                                    help="where the images are (default: the manifest's image_root)"),
+) -> None:
+    """Rewrite SRC's records into DST in another format: same records, units and manifest apart from format, bytes, hashes."""
+    try:
+        manifests = convert_cache(src, dst, shard_format, embed_images, image_root, log=typer.echo)
+    except (CacheError, ValueError, OSError) as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    for subdir, manifest in manifests.items():
+        t = manifest["totals"]
+        typer.echo(f"converted {subdir}: {t['records_written']} records, {t['bytes']} bytes as {shard_format}")
+
+
+@app.command()
+def status(
+    path: Path = typer.Argument(..., help="cache directory (complete or not)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of lines"),
+) -> None:
+    """Per part (shards/, preference/): shards complete, partial (files present, no done marker) and missing; manifest final?"""
+    parts = cache_status(path)
+    if as_json:
+        typer.echo(json.dumps(parts, indent=2))
+        return
+    for subdir, st in parts.items():
+        if st is None:
+            typer.echo(f"{subdir}: not started")
+            continue
+        typer.echo(f"{subdir}: {len(st['complete'])} of {st['num_shards']} shards complete, {len(st['partial'])} partial, "
+                   f"{len(st['missing'])} missing; manifest {'final' if st['manifest_final'] else 'not written yet'}")
+        for state in ("complete", "partial", "missing"):
+            typer.echo(f"  {state + ':':<9} {ranges(st[state])}")
 
 
 def _print_table(rows: list[dict], rejects: dict) -> None:

@@ -2,7 +2,8 @@
 
 The marker is written last, after the shard's Parquet file and its rejects file are in place, so its
 presence alone means the shard is complete. It records what went in and what came out:
-records_in = records_written + records_rejected, always.
+records_in = records_written + records_rejected, always. A WebDataset shard's marker also holds
+`format` ("webdataset") and `units` ([rows, byte offset, byte length] of each chunk of the tar).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DONE_KEYS = (
     "sha256",
     "rejects",
 )
+WEBDATASET_KEYS = ("format", "units")  # only in a WebDataset shard's marker
 
 
 def write_done_marker(
@@ -40,7 +42,8 @@ def write_done_marker(
 
     Raises ValueError when the counts do not add up or the shard's files are not in place.
     """
-    parquet, rejects_file, done = shard_paths(cache_dir, index, num_shards, subdir)
+    fmt = writer_stats.get("format", "parquet")
+    parquet, rejects_file, done = shard_paths(cache_dir, index, num_shards, subdir, fmt)
     records_rejected = sum(rejects.values())
     if records_in != writer_stats["records"] + records_rejected:
         raise ValueError(
@@ -65,6 +68,7 @@ def write_done_marker(
         "bytes": writer_stats["bytes"],
         "sha256": writer_stats["sha256"],
         "rejects": dict(sorted(rejects.items())),
+        **{key: writer_stats[key] for key in WEBDATASET_KEYS if fmt == "webdataset"},
     }
     write_json_atomic(done, marker)
     return marker
@@ -80,7 +84,8 @@ def read_done_marker(cache_dir: Path | str, index: int, num_shards: int, subdir:
         raise CacheError(f"{name} is missing: shard {index} of {num_shards} is not complete") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CacheError(f"{name} is unreadable ({err}); delete it and rerun mod-extract to redo the shard") from None
-    if not isinstance(marker, dict) or set(marker) != set(DONE_KEYS):
+    if not isinstance(marker, dict) or set(marker) - set(WEBDATASET_KEYS) != set(DONE_KEYS) or (
+            marker.get("format", "parquet") == "webdataset") != ("units" in marker):
         raise CacheError(f"{name} does not hold the keys {list(DONE_KEYS)}; delete it and rerun mod-extract to redo the shard")
     if (marker["shard"], marker["num_shards"]) != (index, num_shards):
         raise CacheError(f"{name} says shard {marker['shard']} of {marker['num_shards']}, expected {index} of {num_shards}")

@@ -1,7 +1,7 @@
 """`python -c "from modkd.store import shard_paths; print(shard_paths('cache', 3, 256))"`: names of every cache file.
 
     cache/manifest.json
-    cache/shards/part-00003-of-00256.parquet        distillation records of shard 3
+    cache/shards/part-00003-of-00256.parquet        distillation records of shard 3 (.tar for the WebDataset format)
     cache/shards/part-00003-of-00256.rejects.jsonl  one JSON line per rejected input record
     cache/shards/part-00003-of-00256.done.json      completion marker, written last
     cache/preference/manifest.json                  the preference records' own manifest
@@ -20,6 +20,7 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_SUBDIR = "shards"  # distillation records
 PREFERENCE_SUBDIR = "preference"  # preference records
 DONE_SUFFIX = ".done.json"
+FORMATS = {"parquet": ".parquet", "webdataset": ".tar"}  # shard format -> file suffix (store/webdataset.py)
 _DONE_NAME = re.compile(r"part-(\d+)-of-(\d+)\.done\.json")
 
 
@@ -31,12 +32,14 @@ def shard_stem(index: int, num_shards: int) -> str:
 
 
 def shard_paths(
-    cache_dir: Path | str, index: int, num_shards: int, subdir: str = SHARDS_SUBDIR
+    cache_dir: Path | str, index: int, num_shards: int, subdir: str = SHARDS_SUBDIR, fmt: str = "parquet"
 ) -> tuple[Path, Path, Path]:
-    """(parquet, rejects, done) paths of one shard."""
+    """(shard file, rejects, done) paths of one shard; the shard file is .parquet or .tar by `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown cache format {fmt!r}; formats: {', '.join(FORMATS)}")
     folder = Path(cache_dir) / subdir
     stem = shard_stem(index, num_shards)
-    return folder / f"{stem}.parquet", folder / f"{stem}.rejects.jsonl", folder / f"{stem}{DONE_SUFFIX}"
+    return folder / f"{stem}{FORMATS[fmt]}", folder / f"{stem}.rejects.jsonl", folder / f"{stem}{DONE_SUFFIX}"
 
 
 def manifest_path(cache_dir: Path | str, subdir: str = SHARDS_SUBDIR) -> Path:

@@ -5,7 +5,9 @@
 The manifest is the extractor's header (teacher fingerprints, tokenizer and image-processor hashes,
 image tokens per image, data hash, settings) plus what the store adds: schema_version, num_shards,
 the shard list, totals and reject counts. It is built only from completed shards (done markers) and
-holds no timestamps, so the same extraction always yields the same bytes.
+holds no timestamps, so the same extraction always yields the same bytes. `settings.format` says how the
+shards are stored ("parquet", the default when absent, or "webdataset", whose shard entries also list
+their chunks as `units`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from .done import read_done_marker
 from .errors import CacheError
-from .layout import MANIFEST_NAME, SHARDS_SUBDIR, done_markers_on_disk, manifest_path, shard_paths, shard_stem
+from .layout import FORMATS, MANIFEST_NAME, SHARDS_SUBDIR, done_markers_on_disk, manifest_path, shard_paths, shard_stem
 from .schema import SCHEMA_VERSION
 from .writer import write_json_atomic
 
@@ -37,11 +39,15 @@ def finalize_manifest(cache_dir: Path | str, num_shards: int, header: dict, subd
         raise ValueError(f"manifest header must not set the store's own keys {clash}")
     if shard_progress(cache_dir, num_shards, subdir)[1]:
         return None
+    fmt = header.get("settings", {}).get("format", "parquet")
     shards = []
     rejects: Counter[str] = Counter()
     for index in range(num_shards):
         marker = read_done_marker(cache_dir, index, num_shards, subdir)
-        parquet = shard_paths(cache_dir, index, num_shards, subdir)[0]
+        parquet = shard_paths(cache_dir, index, num_shards, subdir, fmt)[0]
+        if marker.get("format", "parquet") != fmt:
+            raise CacheError(f"{subdir}/{shard_stem(index, num_shards)}.done.json is a {marker.get('format', 'parquet')} "
+                             f"shard but the extraction writes {fmt}; clear the directory and re-extract")
         if not parquet.is_file() or parquet.stat().st_size != marker["bytes"]:
             raise CacheError(
                 f"{subdir}/{parquet.name} is missing or differs in size from its done marker; "
@@ -56,6 +62,7 @@ def finalize_manifest(cache_dir: Path | str, num_shards: int, header: dict, subd
                 "sha256": marker["sha256"],
                 "records_in": marker["records_in"],
                 "records_rejected": marker["records_rejected"],
+                **({"units": marker["units"]} if fmt == "webdataset" else {}),
             }
         )
         rejects.update(marker["rejects"])
@@ -131,4 +138,15 @@ def load_manifest(cache_dir: Path | str, subdir: str = SHARDS_SUBDIR) -> dict:
         raise CacheError(f"{path}: no settings object (the extractor's header sets it)")
     if subdir == SHARDS_SUBDIR and (not isinstance(settings.get("top_k"), int) or settings["top_k"] < 1):
         raise CacheError(f"{path}: settings.top_k must be a positive integer (the extractor's header sets it)")
+    fmt = shard_format(manifest)
+    if fmt not in FORMATS:
+        raise CacheError(f"{path}: settings.format {fmt!r} is not one of {', '.join(FORMATS)}; install a newer modkd")
+    if any(("units" in shard) != (fmt == "webdataset") for shard in manifest["shards"]):
+        raise CacheError(f"{path}: {'every' if fmt == 'webdataset' else 'no'} shard entry must list units in the "
+                         f"{fmt} format")
     return manifest
+
+
+def shard_format(manifest: dict) -> str:
+    """How a part's shards are stored: "parquet" (caches from before the format setting) or "webdataset"."""
+    return manifest["settings"].get("format", "parquet")

@@ -16,10 +16,16 @@ does not train source by source); rank r reads the i-th unit of that order when 
 The union over ranks is every record, each exactly once, and a rank's order is fixed by the seed.
 `start` is the number of records this rank already consumed in that order (the `cursor` of the last
 record it saw): whole row groups are skipped from their metadata, then rows.
+
+Both shard formats read through this API: Parquet (a unit is a row group, listed from the footers) and
+WebDataset tars (a unit is a chunk of row_group_size samples, listed in the manifest with its byte
+offset, so reading one is one seek; store/webdataset.py). The same records written with the same
+row_group_size give the same units, hence the same records in the same order for every rank and seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -27,12 +33,13 @@ from pathlib import Path
 
 from .errors import CacheError
 from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
-from .manifest import has_part, load_manifest
+from .manifest import has_part, load_manifest, shard_format
 from .records import DistillRecord, PreferenceRecord
 from .schema import DISTILL_SCHEMA, PREFERENCE_SCHEMA
 from .shard_file import batch_rows, iter_row_group, open_shard
 from .stats import shard_sums, summarize
 from .verify import verify_shards
+from .webdataset import IMAGE_DATA, read_unit
 
 PARTS = {SHARDS_SUBDIR: DISTILL_SCHEMA, PREFERENCE_SUBDIR: PREFERENCE_SCHEMA}
 
@@ -69,10 +76,15 @@ class Cache:
                     )
         return cache
 
+    def format(self, subdir: str = SHARDS_SUBDIR) -> str:
+        """How a part's shards are stored: "parquet" or "webdataset" (manifest settings.format)."""
+        return shard_format(self.manifests[subdir])
+
     def _shard_file(self, index: int, subdir: str = SHARDS_SUBDIR) -> tuple[Path, str]:
-        """(path, name for messages) of shard `index`'s Parquet file."""
-        parquet = shard_paths(self.path, index, self.manifests[subdir]["num_shards"], subdir)[0]
-        return parquet, relative_name(self.path, parquet)
+        """(path, name for messages) of shard `index`'s file (.parquet or .tar)."""
+        manifest = self.manifests[subdir]
+        path = shard_paths(self.path, index, manifest["num_shards"], subdir, shard_format(manifest))[0]
+        return path, relative_name(self.path, path)
 
     def _redo_hint(self, index: int, subdir: str = SHARDS_SUBDIR) -> str:
         done = shard_paths(self.path, index, self.manifests[subdir]["num_shards"], subdir)[2]
@@ -99,12 +111,27 @@ class Cache:
                              f"(records with \"chosen\" and \"rejected\") with --out {self.path} to add them")
         return self._stream(PREFERENCE_SUBDIR, PreferenceRecord.from_row, rank, world_size, start, None, order_seed)
 
+    def shard_records(self, index: int, subdir: str = SHARDS_SUBDIR) -> Iterator:
+        """Every record (or preference pair) of shard `index` in file order, unit by unit (mod-store convert)."""
+        decode = PreferenceRecord.from_row if subdir == PREFERENCE_SUBDIR else (
+            lambda row: DistillRecord.from_row(row, self.top_k))
+        for shard, unit, _ in self.units(subdir):
+            if shard == index:
+                yield from self._read_unit(subdir, index, unit, 0, None, decode)
+
     def units(self, subdir: str = SHARDS_SUBDIR) -> list[tuple[int, int, int]]:
-        """Every (shard index, row group, rows) of a part in manifest order, from the shards' footers (read once)."""
+        """Every (shard index, row group, rows) of a part in manifest order, from the shards' footers (read once);
+        for WebDataset shards (shard index, chunk, rows) from the manifest."""
         if subdir not in self._units:
             units = []
             for index, shard in enumerate(self.manifests[subdir]["shards"]):
                 path, name = self._shard_file(index, subdir)
+                if "units" in shard:  # WebDataset: load_manifest checked that every shard entry lists them
+                    if sum(rows for rows, _, _ in shard["units"]) != shard["records"]:
+                        raise CacheError(f"{name}: the units in {_manifest_name(subdir)} do not add up to its "
+                                         f"{shard['records']} records")
+                    units += [(index, chunk, rows) for chunk, (rows, _, _) in enumerate(shard["units"])]
+                    continue
                 with open_shard(path, name, PARTS[subdir]) as parquet:
                     if parquet.metadata.num_rows != shard["records"]:
                         raise CacheError(f"{name} holds {parquet.metadata.num_rows} records but "
@@ -129,20 +156,30 @@ class Cache:
                 consumed += rows
                 continue
             skip = max(start - consumed, 0)  # rows of this unit consumed before
-            path, name = self._shard_file(index, subdir)
-            with open_shard(path, name, PARTS[subdir]) as parquet:
-                for batch in iter_row_group(parquet, name, row_group, read_columns):
-                    dropped = min(skip, batch.num_rows)
-                    skip -= dropped
-                    consumed += dropped
-                    for record in self._decode(batch.slice(dropped), name, row_group, decode):
-                        consumed += 1
-                        record.cursor = consumed
-                        yield record
+            consumed += skip
+            for record in self._read_unit(subdir, index, row_group, skip, read_columns, decode):
+                consumed += 1
+                record.cursor = consumed
+                yield record
 
-    def _decode(self, batch, name: str, row_group: int, decode: Callable) -> list:
+    def _read_unit(self, subdir: str, index: int, unit: int, skip: int, read_columns: list[str] | None,
+                   decode: Callable) -> Iterator:
+        """Decoded records of one unit from its `skip`-th row on, batch by batch."""
+        path, name = self._shard_file(index, subdir)
+        shard = self.manifests[subdir]["shards"][index]
+        if "units" in shard:
+            rows = read_unit(path, name, shard["units"][unit], PARTS[subdir], read_columns, skip)
+            yield from self._decode(lambda: rows, name, unit, decode)
+            return
+        with open_shard(path, name, PARTS[subdir]) as parquet:
+            for batch in iter_row_group(parquet, name, unit, read_columns):
+                dropped = min(skip, batch.num_rows)
+                skip -= dropped
+                yield from self._decode(lambda: batch_rows(batch.slice(dropped)), name, unit, decode)
+
+    def _decode(self, rows: Callable, name: str, row_group: int, decode: Callable) -> list:
         try:
-            return [decode(row) for row in batch_rows(batch)]
+            return [_with_image_data(decode(row), row) for row in rows()]
         except ValueError as err:
             raise CacheError(f"{name}: row group {row_group} holds a malformed record: {err}") from None
 
@@ -158,7 +195,7 @@ class Cache:
         rows, total = [], None
         for index, shard in enumerate(self.manifest["shards"]):
             path, name = self._shard_file(index)
-            sums = shard_sums(path, name, self.top_k)
+            sums = shard_sums(path, name, self.top_k, shard)
             rows.append(summarize(shard["name"], sums, shard["bytes"]))
             total = sums if total is None else total + sums
         rows.append(summarize("total", total, self.manifest["totals"]["bytes"]))
@@ -180,6 +217,14 @@ class Cache:
                     yield json.loads(line)
                 except json.JSONDecodeError as err:
                     raise CacheError(f"{name} line {line_number} is not JSON: {err}") from None
+
+
+def _with_image_data(record, row: dict):
+    """The record, its ImageRef carrying the image bytes a WebDataset shard embeds (student ImageLoader uses them)."""
+    data = row.get(IMAGE_DATA)
+    if data is not None and record.image is not None:
+        record.image = dataclasses.replace(record.image, data=data)
+    return record
 
 
 def _manifest_name(subdir: str) -> str:

@@ -9,7 +9,7 @@ None in every field whose column was not read. `PreferenceRecord` is the same fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from .schema import POSITION_KINDS, PREFERENCE_SCHEMA
 class ImageRef:
     path: str  # posix path relative to the image root
     sha256: str  # hex digest of the image file's bytes
+    # the image file's bytes when the cache embeds them (WebDataset --embed-images); not part of equality
+    data: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""`python -c "from modkd.store.shard_file import open_shard"`: open one shard's Parquet file and decode its rows.
+"""`python -c "from modkd.store.shard_file import open_shard"`: open one shard's file and decode its rows.
 
 Everything pyarrow can raise on a corrupt or foreign file becomes a CacheError naming the shard.
 Rows are decoded column-wise: each list column becomes one writable numpy buffer per batch and every
 row gets a view of its slice, so decoding costs one copy per batch, not one conversion per value.
+`shard_writer` and `shard_batches` are the two places that choose between the Parquet format and the
+WebDataset one (store/webdataset.py); verify and stats read either through `shard_batches`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import pyarrow.parquet as pq
 
 from .errors import CacheError
 from .schema import DISTILL_SCHEMA
+from .webdataset import WebDatasetWriter, embedded_image_ok, read_unit
+from .writer import ShardWriter, _rows_to_table
 
 READ_ERRORS = (pa.ArrowException, OSError)
 
@@ -68,3 +72,32 @@ def batch_rows(batch: pa.RecordBatch) -> list[dict]:
         else:
             columns[name] = column.to_pylist()
     return [{name: values[i] for name, values in columns.items()} for i in range(batch.num_rows)]
+
+
+def shard_writer(fmt: str, path: Path, schema: pa.Schema = DISTILL_SCHEMA, row_group_size: int = 256,
+                 image_root: Path | None = None, embed_images: bool = False) -> ShardWriter | WebDatasetWriter:
+    """The atomic writer of one shard in format `fmt` ("parquet" or "webdataset"; only the latter embeds images)."""
+    if fmt == "webdataset":
+        return WebDatasetWriter(path, schema, row_group_size, image_root, embed_images)
+    if fmt != "parquet" or embed_images:
+        raise ValueError(f"format {fmt!r}{' with embedded images' if embed_images else ''} is not writable; "
+                         "formats: parquet, webdataset (embedded images: webdataset only)")
+    return ShardWriter(path, schema, row_group_size)
+
+
+def shard_batches(path: Path, name: str, schema: pa.Schema, shard: dict, columns: list[str] | None = None,
+                  ) -> Iterator[tuple[int, pa.RecordBatch, dict[str, np.ndarray]]]:
+    """(unit, batch, extra checks) for every unit of a shard in order, in either format; `shard` is its
+    manifest entry (a WebDataset one lists its units). Extra checks are (R,) bool masks, True = bad."""
+    if "units" not in shard:
+        with open_shard(path, name, schema) as parquet:
+            for row_group in range(parquet.metadata.num_row_groups):
+                for batch in iter_row_group(parquet, name, row_group, columns):
+                    yield row_group, batch, {}
+        return
+    fields = pa.schema([f for f in schema if columns is None or f.name in columns])
+    for index, unit in enumerate(shard["units"]):
+        rows = read_unit(path, name, unit, schema, fields.names)
+        bad_image = np.array([not embedded_image_ok(row) for row in rows])  # (R,) bool
+        batch = _rows_to_table(rows, fields).combine_chunks().to_batches()[0]
+        yield index, batch, {"embedded image bytes differ from image_sha256": bad_image}

@@ -16,7 +16,8 @@ import numpy as np
 
 from .errors import CacheError
 from .schema import POSITION_KINDS
-from .shard_file import iter_row_group, list_column, open_shard
+from .schema import DISTILL_SCHEMA
+from .shard_file import list_column, shard_batches
 
 STATS_COLUMNS = ["position_kinds", "topk_logprobs"]
 
@@ -39,29 +40,27 @@ class Sums:
         )
 
 
-def shard_sums(path: Path, name: str, k: int) -> Sums:
-    """Stream one shard's position kinds and top-k log-probs, row group by row group."""
+def shard_sums(path: Path, name: str, k: int, shard: dict) -> Sums:
+    """Stream one shard's position kinds and top-k log-probs, unit by unit (`shard`: its manifest entry)."""
     sums = Sums()
-    with open_shard(path, name) as parquet:
-        for row_group in range(parquet.metadata.num_row_groups):
-            for batch in iter_row_group(parquet, name, row_group, STATS_COLUMNS):
-                try:
-                    _, kinds = list_column(batch.column("position_kinds"))  # (P,) int8
-                    _, logprobs = list_column(batch.column("topk_logprobs"))  # (P * k,) float32
-                except ValueError as err:
-                    raise CacheError(f"{name}: row group {row_group}: {err}") from None
-                if logprobs.shape[0] != kinds.shape[0] * k:
-                    raise CacheError(f"{name}: row group {row_group} has {logprobs.shape[0]} top-k values for "
-                                     f"{kinds.shape[0]} positions and k={k}; run mod-store verify")
-                logprobs = logprobs.reshape(-1, k).astype(np.float64)  # (P, k) float64
-                probs = np.exp(logprobs)  # (P, k) float64
-                plogp = probs * np.where(probs > 0, logprobs, 0.0)  # (P, k) float64; 0 log 0 = 0, not NaN
-                sums.records += batch.num_rows
-                sums.positions += kinds.shape[0]
-                sums.topk_mass += float(probs.sum())
-                sums.topk_entropy += float(-plogp.sum())
-                for kind, code in POSITION_KINDS.items():
-                    sums.kinds[kind] += int(np.count_nonzero(kinds == code))
+    for row_group, batch, _ in shard_batches(path, name, DISTILL_SCHEMA, shard, STATS_COLUMNS):
+        try:
+            _, kinds = list_column(batch.column("position_kinds"))  # (P,) int8
+            _, logprobs = list_column(batch.column("topk_logprobs"))  # (P * k,) float32
+        except ValueError as err:
+            raise CacheError(f"{name}: row group {row_group}: {err}") from None
+        if logprobs.shape[0] != kinds.shape[0] * k:
+            raise CacheError(f"{name}: row group {row_group} has {logprobs.shape[0]} top-k values for "
+                             f"{kinds.shape[0]} positions and k={k}; run mod-store verify")
+        logprobs = logprobs.reshape(-1, k).astype(np.float64)  # (P, k) float64
+        probs = np.exp(logprobs)  # (P, k) float64
+        plogp = probs * np.where(probs > 0, logprobs, 0.0)  # (P, k) float64; 0 log 0 = 0, not NaN
+        sums.records += batch.num_rows
+        sums.positions += kinds.shape[0]
+        sums.topk_mass += float(probs.sum())
+        sums.topk_entropy += float(-plogp.sum())
+        for kind, code in POSITION_KINDS.items():
+            sums.kinds[kind] += int(np.count_nonzero(kinds == code))
     return sums
 
 

@@ -6,7 +6,9 @@ P, P * k, positions in [0, T - 1), known position kinds, no NaN, top-k mass <= 1
 set together); the rejects file has one line per rejected record; sample ids are unique across the
 cache. Preference shards (cache/preference/) get the same file checks and their own row checks: each
 response's ids and per-token log-probs have one non-zero length, log-probs are finite and <= 0, the
-stored sums equal the per-token sums. Every problem names its shard.
+stored sums equal the per-token sums. WebDataset shards (.tar) get the same checks, read through the
+same row checks, plus their chunk index (contiguous chunks, rows adding up, nothing after the last
+chunk but tar's end blocks) and embedded image bytes against their sha256. Every problem names its shard.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import pyarrow as pa
 
 from .errors import CacheError
 from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
-from .manifest import has_part, load_manifest
+from .manifest import has_part, load_manifest, shard_format
 from .schema import DISTILL_SCHEMA, POSITION_KINDS, PREFERENCE_SCHEMA
-from .shard_file import iter_row_group, list_column, open_shard
+from .shard_file import list_column, shard_batches
+from .webdataset import check_layout
 from .writer import sha256_file
 
 MASS_TOLERANCE = 1e-3  # float32 log-probs of a full-vocab softmax sum to 1 within ~1e-5; beyond 1e-3 is a bug
@@ -47,7 +50,7 @@ def verify_shards(cache_dir: Path, manifest: dict, subdir: str = SHARDS_SUBDIR) 
     num_shards = manifest["num_shards"]
     listed = relative_name(cache_dir, manifest_path(cache_dir, subdir))  # how messages name the manifest
     for index, shard in enumerate(manifest["shards"]):
-        parquet, rejects, _ = shard_paths(cache_dir, index, num_shards, subdir)
+        parquet, rejects, _ = shard_paths(cache_dir, index, num_shards, subdir, shard_format(manifest))
         name = relative_name(cache_dir, parquet)
         problems += _check_rejects(rejects, relative_name(cache_dir, rejects), shard["records_rejected"], listed)
         if not parquet.is_file():
@@ -58,6 +61,8 @@ def verify_shards(cache_dir: Path, manifest: dict, subdir: str = SHARDS_SUBDIR) 
             problems.append(f"{name}: {size} bytes, {listed} records {shard['bytes']} (truncated or modified)")
         elif sha256_file(parquet) != shard["sha256"]:
             problems.append(f"{name}: sha256 differs from {listed} (file modified or corrupted)")
+        if "units" in shard:
+            problems += [f"{name}: {problem}" for problem in check_layout(parquet, shard["units"], shard["records"])]
         try:
             if subdir == SHARDS_SUBDIR:
                 problems += _check_rows(parquet, name, shard, manifest["settings"]["top_k"], seen_ids, listed)
@@ -79,19 +84,17 @@ def _check_rejects(path: Path, name: str, expected: int, listed: str) -> list[st
 def _check_rows(path: Path, name: str, shard: dict, k: int, seen_ids: set[str], listed: str) -> list[str]:
     bad: dict[str, list] = {}  # check -> [rows failing, first failing row index in the shard]
     records = positions = 0
-    with open_shard(path, name, DISTILL_SCHEMA) as parquet:
-        for row_group in range(parquet.metadata.num_row_groups):
-            for batch in iter_row_group(parquet, name, row_group, None):
-                for check, mask in _row_checks(batch, k, name, row_group).items():  # mask: (R,) bool, True = bad
-                    if mask.any():
-                        entry = bad.setdefault(check, [0, records + int(np.argmax(mask))])
-                        entry[0] += int(mask.sum())
-                for sample_id in batch.column("sample_id").to_pylist():
-                    if sample_id in seen_ids:
-                        bad.setdefault(f"sample_id {sample_id!r} appears twice in the cache", [0, records])[0] += 1
-                    seen_ids.add(sample_id)
-                records += batch.num_rows
-                positions += int(np.diff(batch.column("positions").offsets.to_numpy()).sum())
+    for row_group, batch, extra in shard_batches(path, name, DISTILL_SCHEMA, shard):
+        for check, mask in {**_row_checks(batch, k, name, row_group), **extra}.items():  # mask: (R,) bool, True = bad
+            if mask.any():
+                entry = bad.setdefault(check, [0, records + int(np.argmax(mask))])
+                entry[0] += int(mask.sum())
+        for sample_id in batch.column("sample_id").to_pylist():
+            if sample_id in seen_ids:
+                bad.setdefault(f"sample_id {sample_id!r} appears twice in the cache", [0, records])[0] += 1
+            seen_ids.add(sample_id)
+        records += batch.num_rows
+        positions += int(np.diff(batch.column("positions").offsets.to_numpy()).sum())
     problems = [f"{name}: {count} rows with {check} (first: row {first})" for check, (count, first) in bad.items()]
     if records != shard["records"]:
         problems.append(f"{name}: {records} records, {listed} records {shard['records']}")
@@ -147,17 +150,15 @@ def _rows_with(row_of_item: np.ndarray, item_bad: np.ndarray, num_rows: int) -> 
 def _check_preference_rows(path: Path, name: str, shard: dict, seen_ids: set[str], listed: str) -> list[str]:
     bad: dict[str, list] = {}  # check -> [rows failing, first failing row index in the shard]
     records = 0
-    with open_shard(path, name, PREFERENCE_SCHEMA) as parquet:
-        for row_group in range(parquet.metadata.num_row_groups):
-            for batch in iter_row_group(parquet, name, row_group, None):
-                for check, mask in _preference_checks(batch, name, row_group).items():  # (R,) bool, True = bad
-                    if mask.any():
-                        bad.setdefault(check, [0, records + int(np.argmax(mask))])[0] += int(mask.sum())
-                for sample_id in batch.column("sample_id").to_pylist():
-                    if sample_id in seen_ids:
-                        bad.setdefault(f"sample_id {sample_id!r} appears twice in the cache", [0, records])[0] += 1
-                    seen_ids.add(sample_id)
-                records += batch.num_rows
+    for row_group, batch, extra in shard_batches(path, name, PREFERENCE_SCHEMA, shard):
+        for check, mask in {**_preference_checks(batch, name, row_group), **extra}.items():  # (R,) bool, True = bad
+            if mask.any():
+                bad.setdefault(check, [0, records + int(np.argmax(mask))])[0] += int(mask.sum())
+        for sample_id in batch.column("sample_id").to_pylist():
+            if sample_id in seen_ids:
+                bad.setdefault(f"sample_id {sample_id!r} appears twice in the cache", [0, records])[0] += 1
+            seen_ids.add(sample_id)
+        records += batch.num_rows
     problems = [f"{name}: {count} rows with {check} (first: row {first})" for check, (count, first) in bad.items()]
     if records != shard["records"]:
         problems.append(f"{name}: {records} records, {listed} records {shard['records']}")

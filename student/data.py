@@ -1,8 +1,8 @@
 """pytest tests/test_student_data.py -q   # stream, shuffle, resume and batch cached records
 
 From the cache to training batches, without re-tokenising: the cached `input_ids` are used as they
-are, and each image is read from the trainer's image root and checked against the sha256 recorded
-at extraction.
+are, and each image is read from the trainer's image root (or from the record, when a WebDataset
+cache embeds it) and checked against the sha256 recorded at extraction.
 
 `RecordStream` reads one rank's (and one DataLoader worker's) part of the cache through
 `Cache.records(rank, world_size, order_seed=...)`: every epoch permutes the cache's (shard, row group)
@@ -16,6 +16,7 @@ consumed batches left it.
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,12 @@ class ImageLoader:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (n, 3, H, W)
 
     def _open(self, rec: DistillRecord | PreferenceRecord) -> Image.Image:
+        if rec.image.data is not None:  # embedded in the cache (mod-extract --embed-images): no image root needed
+            digest = hashlib.sha256(rec.image.data).hexdigest()
+            if digest != rec.image.sha256:
+                raise ValueError(f"record {rec.sample_id!r}: its embedded image {rec.image.path} has sha256 "
+                                 f"{digest[:12]}... but the teacher saw {rec.image.sha256[:12]}...")
+            return Image.open(io.BytesIO(rec.image.data)).convert("RGB")
         if self.root is None:
             raise ValueError(f"record {rec.sample_id!r} has an image ({rec.image.path}); pass --image-root")
         path = (self.root / rec.image.path).resolve()

@@ -55,3 +55,23 @@ def test_inspect_incomplete_cache(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path)])
     assert result.exit_code == 1
     assert "no manifest.json" in result.output
+
+
+def test_status_of_a_half_done_cache(tmp_path):
+    build_cache(tmp_path, [3, 4, 2])
+    assert json.loads(runner.invoke(app, ["status", str(tmp_path), "--json"]).output)["shards"]["manifest_final"]
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "shards/part-00001-of-00003.done.json").unlink()  # its shard file is there: partial
+    for path in (tmp_path / "shards").glob("part-00002-of-00003.*"):
+        path.unlink()  # nothing of shard 2: missing
+    (tmp_path / "preference").mkdir()  # a preference extraction just started: shard count from the temporary's name
+    (tmp_path / "preference/.part-00000-of-00002.parquet.tmp-7").write_bytes(b"PAR1")
+    result = runner.invoke(app, ["status", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {
+        "shards": {"num_shards": 3, "complete": [0], "partial": [1], "missing": [2], "manifest_final": False},
+        "preference": {"num_shards": 2, "complete": [], "partial": [0], "missing": [1], "manifest_final": False}}
+    lines = runner.invoke(app, ["status", str(tmp_path)]).output.splitlines()
+    assert lines[0] == "shards: 1 of 3 shards complete, 1 partial, 1 missing; manifest not written yet"
+    assert lines[4:] == ["preference: 0 of 2 shards complete, 1 partial, 1 missing; manifest not written yet",
+                         "  complete: none", "  partial:  0", "  missing:  1"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modkd.store import DistillRecord, ImageRef, ShardWriter, finalize_manifest, shard_paths, write_done_marker
+from modkd.store import DistillRecord, ImageRef, finalize_manifest, shard_paths, shard_writer, write_done_marker
 from modkd.store import write_text_atomic
 
 VOCAB = 64  # small enough that the full softmax is cheap, larger than every k used
@@ -43,11 +43,14 @@ def random_record(rng: np.random.Generator, sample_id: str, k: int) -> DistillRe
 
 
 def write_shard(
-    cache_dir: Path, index: int, num_shards: int, records: list[DistillRecord], rejects: list[dict], row_group_size: int
+    cache_dir: Path, index: int, num_shards: int, records: list[DistillRecord], rejects: list[dict], row_group_size: int,
+    fmt: str = "parquet", image_root: Path | None = None,
 ) -> dict:
-    """Write one shard the way the extractor does: parquet, rejects file, then the done marker."""
-    parquet, rejects_path, _ = shard_paths(cache_dir, index, num_shards)
-    with ShardWriter(parquet, row_group_size=row_group_size) as writer:
+    """Write one shard the way the extractor does: shard file (`fmt`), rejects file, then the done marker;
+    with `image_root` (webdataset) the images are embedded."""
+    parquet, rejects_path, _ = shard_paths(cache_dir, index, num_shards, fmt=fmt)
+    with shard_writer(fmt, parquet, row_group_size=row_group_size, image_root=image_root,
+                      embed_images=image_root is not None) as writer:
         for record in records:
             writer.write(record)
     write_text_atomic(rejects_path, "".join(json.dumps(entry) + "\n" for entry in rejects))
@@ -68,9 +71,10 @@ HEADER = {
 
 
 def build_cache(
-    cache_dir: Path, records_per_shard: list[int], k: int = 4, row_group_size: int = 3, seed: int = 0
+    cache_dir: Path, records_per_shard: list[int], k: int = 4, row_group_size: int = 3, seed: int = 0,
+    fmt: str = "parquet",
 ) -> list[DistillRecord]:
-    """A finalized cache; returns its records in shard order. Shard i rejects i % 3 input records."""
+    """A finalized cache in format `fmt`; returns its records in shard order. Shard i rejects i % 3 input records."""
     rng = np.random.default_rng(seed)
     num_shards = len(records_per_shard)
     everything = []
@@ -80,9 +84,9 @@ def build_cache(
             {"index": 1000 * index + j, "sample_id": f"bad{index}-{j}", "line": 1000 * index + j + 1, "reason": "missing_image: x.png"}
             for j in range(index % 3)
         ]
-        write_shard(cache_dir, index, num_shards, records, rejects, row_group_size)
+        write_shard(cache_dir, index, num_shards, records, rejects, row_group_size, fmt)
         everything += records
-    header = dict(HEADER, settings={"top_k": k, "encoding": "topk", "positions": "all"})
+    header = dict(HEADER, settings={"top_k": k, "encoding": "topk", "positions": "all", "format": fmt})
     assert finalize_manifest(cache_dir, num_shards, header) is not None
     return everything
 

@@ -10,10 +10,11 @@ from modkd.store import Cache
 SHARD_SIZES = [7, 0, 5, 11, 1, 6]  # an empty shard and uneven last row groups
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+@pytest.fixture(scope="module", params=["parquet", "webdataset"])
+def cache(tmp_path_factory, request):
+    """The same records in either shard format: splitting and resuming must not depend on it."""
     path = tmp_path_factory.mktemp("cache")
-    build_cache(path, SHARD_SIZES, k=2, row_group_size=3)
+    build_cache(path, SHARD_SIZES, k=2, row_group_size=3, fmt=request.param)
     return Cache.open(path)
 
 
