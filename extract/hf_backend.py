@@ -20,7 +20,7 @@ class HFBackend:
     def __init__(self, teacher: Teacher, top_k: int, batch_size: int = 8, chunk: int | None = None):
         self.model = teacher.model
         self.lm_head = teacher.model.get_output_embeddings()
-        vocab = self.lm_head.weight.shape[0]
+        self.vocab = vocab = teacher.fingerprint["tokenizer_vocab_size"]  # lm_head rows beyond it are padding
         if not 1 <= top_k <= vocab:
             raise ValueError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
         self.top_k = top_k
@@ -54,7 +54,7 @@ class HFBackend:
     def run(self, batch: list[Encoded], positions: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per record: top-k ids (P, k) int32, top-k log-probs (P, k) fp32, target log-probs (P,) fp32."""
         hidden, targets, bounds = self._hidden(batch, positions)
-        ids, lps, tgt = topk_logprobs(hidden, self.lm_head, targets, self.top_k, self.chunk)
+        ids, lps, tgt = topk_logprobs(hidden, self.lm_head, targets, self.top_k, self.chunk, self.vocab)
         ids, lps, tgt = (np.split(t.cpu().numpy(), bounds) for t in (ids, lps, tgt))
         return list(zip(ids, lps, tgt))
 
@@ -62,7 +62,7 @@ class HFBackend:
     def target_logprobs(self, batch: list[Encoded], positions: list[np.ndarray]) -> list[np.ndarray]:
         """Per record: the log-prob (P,) fp32 of the token each position predicts, over the full vocabulary."""
         hidden, targets, bounds = self._hidden(batch, positions)
-        tgt = topk_logprobs(hidden, self.lm_head, targets, 1, self.chunk)[2]  # (N,) fp32
+        tgt = topk_logprobs(hidden, self.lm_head, targets, 1, self.chunk, self.vocab)[2]  # (N,) fp32
         return np.split(tgt.cpu().numpy(), bounds)
 
     def _hidden(self, batch: list[Encoded], positions: list[np.ndarray]):

@@ -283,7 +283,8 @@ def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool, engine: dict
                     "mismatched_pairing": "nearest earlier record in the shard (cyclic) with a different chosen"}
     settings.update(format=cfg.format, **({"embed_images": True} if cfg.embed_images else {}))  # how shards are stored
     return {
-        "teacher": {k: fp[k] for k in ("name", "source", "config_sha256", "weights_sha256", "vocab_size", "dtype")},
+        "teacher": {k: fp[k] for k in ("name", "source", "config_sha256", "weights_sha256", "vocab_size",
+                                        "tokenizer_vocab_size", "dtype")},  # distributions are over the latter
         "tokenizer_sha256": fp["tokenizer_sha256"],
         "image_processor_sha256": fp["image_processor_sha256"],
         "image_tokens_per_image": _image_tokens(teacher),

@@ -129,11 +129,15 @@ def load_teacher(name: str, dtype: torch.dtype, device: str, trust_remote_code: 
         "tokenizer_sha256": tokenizer_sha256(tokenizer, template),
         "image_processor_sha256": image_processor_sha256(processor.image_processor if processor else None),
         "vocab_size": config.get_text_config().vocab_size,  # the lm_head's rows (Qwen-7B: 152,064, beyond the tokenizer)
+        "tokenizer_vocab_size": len(tokenizer),  # the ids a token can have: the cache's distributions are over these
         "dtype": str(dtype).removeprefix("torch."),
     }
     if model is not None and model.get_output_embeddings().weight.shape[0] != fingerprint["vocab_size"]:
         raise ValueError(f"teacher {name!r}: lm_head has {model.get_output_embeddings().weight.shape[0]} rows but the "
                          f"config says vocab_size {fingerprint['vocab_size']}")
+    if fingerprint["tokenizer_vocab_size"] > fingerprint["vocab_size"]:
+        raise ValueError(f"teacher {name!r}: its tokenizer has {len(tokenizer)} tokens but its lm_head only "
+                         f"{fingerprint['vocab_size']} rows; resize the model's token embeddings first")
     return Teacher(model, tokenizer, processor, fingerprint["source"], fingerprint, directory, gguf)
 
 

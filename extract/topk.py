@@ -4,6 +4,10 @@ Top-k teacher log-probs from hidden states, a chunk of positions at a time.
 
 The lm_head runs on at most `chunk` positions at once, so the largest float32 tensor is (chunk, V):
 a (B, T, V) logits tensor never exists (V=152k, T=2048 would be 1.2 GB per sequence).
+
+Distributions are over the tokenizer's vocabulary, the first `vocab` lm_head rows: Qwen's 7B models carry
+152,064 rows for a 151,646-token tokenizer (their students 151,936). The padding rows' logits are dropped
+before the log-softmax and top-k, so no stored id is >= len(tokenizer) and no mass sits on them.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ def topk_logprobs(
     targets: torch.Tensor,  # (N,) int64: the token each position predicts (input_ids[t+1])
     k: int,
     chunk: int,
+    vocab: int | None = None,  # the tokenizer's size; None: every lm_head row is a token
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns top-k ids (N, k) int32, their log-probs (N, k) fp32 and the target's log-prob (N,) fp32,
-    all normalised over the full vocabulary."""
+    all normalised over the vocabulary's `vocab` tokens (the lm_head's padding rows excluded)."""
     ids, lps, tgt = [], [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[start : start + chunk]).float()  # (C, V) fp32
+        logits = lm_head(hidden[start : start + chunk])[:, :vocab].float()  # (C, V) fp32, padding rows dropped
         logp = torch.log_softmax(logits, dim=-1)  # (C, V) fp32
         top_lp, top_id = logp.topk(k, dim=-1, sorted=True)  # (C, k)
         ids.append(top_id.to(torch.int32))

@@ -73,7 +73,12 @@ class VLLMBackend:
 
     def __init__(self, teacher: Teacher, top_k: int, dtype: str, opts: VLLMOptions, trust_remote_code: bool = False,
                  log=print):
-        vocab = teacher.fingerprint["vocab_size"]
+        vocab, rows = teacher.fingerprint["tokenizer_vocab_size"], teacher.fingerprint["vocab_size"]
+        if rows != vocab:  # vLLM's prompt log-probs are a log-softmax over every row, padding included
+            raise ValueError(f"{teacher.fingerprint['name']}: the lm_head has {rows} rows for a {vocab}-token tokenizer; "
+                             f"vLLM normalises prompt log-probs over all {rows} rows, the cache over the tokenizer's "
+                             f"{vocab} tokens. Use --backend hf, which drops the padding rows (vLLM for padded "
+                             f"vocabularies is not built yet)")
         if not 1 <= top_k <= vocab:
             raise ValueError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
         eager = opts.enforce_eager

@@ -29,6 +29,10 @@ def check_student_matches_cache(cache: Cache, model, processor, student: str, kd
             f"tokenizer mismatch: the cache {cache.path} was extracted with teacher "
             f"{manifest['teacher']['name']!r} whose tokenizer (with chat template) has sha256 {theirs[:16]}..., "
             f"but student {student} has {ours[:16]}...; student and teacher must share one tokenizer")
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(processor.tokenizer):
+        raise ValueError(f"student {student}'s lm_head has {rows} rows for a {len(processor.tokenizer)}-token tokenizer; "
+                         f"resize its token embeddings first")
     cached = manifest.get("image_tokens_per_image")
     if cached is not None:
         tokens = vision_tokens_per_image(model, processor)

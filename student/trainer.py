@@ -57,9 +57,10 @@ class StudentWithLoss(torch.nn.Module):
     (stage pd). The lm_head runs on the used positions only, in fp32 chunks (student/losses.py).
     """
 
-    def __init__(self, llava, distil: bool = True, tail: bool = False, tap=None) -> None:
+    def __init__(self, llava, distil: bool = True, tail: bool = False, tap=None, vocab: int | None = None) -> None:
         super().__init__()
         self.llava, self.tap = llava, tap
+        self.vocab = vocab  # the tokenizer's size: lm_head rows beyond it (Qwen's padding) are not tokens
         present = {type(m).__name__ for m in llava.modules()}  # FSDP's auto-wrap units: the layer classes in use
         self._no_split_modules = sorted(set(getattr(llava, "_no_split_modules", None) or ()) & present)
         self.distil = distil  # False (kd_weight 0: init, sft): no top-k gathers, no KL work at all
@@ -76,7 +77,7 @@ class StudentWithLoss(torch.nn.Module):
             out = self.llava.model(**b.model_inputs())
         hidden = out.last_hidden_state  # (B, T, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[b.flat_positions]  # (N, H) at the predicting positions
-        weight = self.llava.get_output_embeddings().weight  # (V, H): used here, inside the wrapped forward
+        weight = self.llava.get_output_embeddings().weight[: self.vocab]  # (V, H): used inside the wrapped forward
         unused = self._projector_on_nothing(hidden) if b.pixel_values is None else 0.0  # 0-dim 0 or 0.0
         if isinstance(b, Sequences):
             logq = target_logprobs(hidden, weight, b.targets)  # (N,) fp32
@@ -92,7 +93,8 @@ class StudentWithLoss(torch.nn.Module):
             ids = b.targets.new_zeros((hidden.shape[0], 0))  # (n, 0): no cached support, no KL work
             logp = hidden.new_zeros((hidden.shape[0], 0), dtype=torch.float32)
         if ids.numel() and int(ids.max()) >= weight.shape[0]:
-            raise ValueError(f"cached token id {int(ids.max())} is outside the student's vocabulary ({weight.shape[0]})")
+            raise ValueError(f"cached token id {int(ids.max())} is outside the student's vocabulary "
+                             f"({weight.shape[0]} tokens)")
         logq_topk, logq_target, logq_tail = student_logprobs(hidden, weight, ids, b.targets[used], tail=self.tail)
         kd = masked_sum(forward_kl(logq_topk, logp, logq_tail if self.tail else None), kd_mask[used])
         lm = masked_sum(-logq_target, lm_mask[used])
@@ -152,7 +154,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     wrapped, optimizer, scheduler = accelerator.prepare(
-        StudentWithLoss(model, distil=bool(cfg.kd_weight), tail=cfg.tail, tap=tap), optimizer, scheduler)
+        StudentWithLoss(model, distil=bool(cfg.kd_weight), tail=cfg.tail, tap=tap, vocab=len(processor.tokenizer)),
+        optimizer, scheduler)
     params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 replaces the parameters with sharded ones
 
     step, streams = 0, {}
@@ -261,7 +264,8 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, mi
     for b, kd_mask, lm_mask in zip(micro, kd_masks, lm_masks):
         with accelerator.accumulate(wrapped):  # gradients synchronised (DeepSpeed: stepped) after the last only
             with accelerator.autocast():  # the online teacher under the same autocast as the student
-                teacher_logprobs = None if teacher is None else _teacher_logprobs(teacher, b, kd_mask | lm_mask)
+                teacher_logprobs = (None if teacher is None else  # over the student's (= the cache's) vocabulary
+                                    _teacher_logprobs(teacher, b, kd_mask | lm_mask, accelerator.unwrap_model(wrapped).vocab))
                 kd, lm, aux = wrapped(b, kd_mask, lm_mask, teacher_logprobs)
             loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * backward_scale(accelerator)
             loss = loss + cfg.aux_loss_coef * aux / len(micro) * accelerator.gradient_accumulation_steps
@@ -271,10 +275,11 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, mi
 
 
 @torch.no_grad()
-def _teacher_logprobs(teacher, b: Batch, used: torch.Tensor) -> torch.Tensor:
+def _teacher_logprobs(teacher, b: Batch, used: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
     out = teacher.model(**b.model_inputs()).last_hidden_state  # (B, T, H_t)
     hidden = out.reshape(-1, out.shape[-1])[b.flat_positions][used]  # (n, H_t)
-    return torch.log_softmax(teacher.get_output_embeddings()(hidden).float(), dim=-1)  # (n, V) fp32
+    logits = teacher.get_output_embeddings()(hidden)[:, :vocab]  # (n, V): the tokenizer's rows, as the cache
+    return torch.log_softmax(logits.float(), dim=-1)  # (n, V) fp32
 
 
 def _online_teacher(cfg: TrainConfig, accelerator: Accelerator):
