@@ -69,6 +69,8 @@ class Encoder:
         if raw.error is not None:
             raise Rejected(raw.error_kind, raw.error)
         rec = raw.data
+        if rec.get("video") is not None:  # LLaVA-Video's field: frames need the video processor, never run here
+            raise Rejected("video", "video records are not supported (images only): the record has a 'video' field")
         messages = self._messages(rec)
         image, image_ref = self._image(rec)
         full = self._render(messages)
@@ -93,6 +95,9 @@ class Encoder:
         if not isinstance(turns, list) or not turns:
             raise Rejected("missing_field", "no 'conversations' list (a preference record needs the preference extractor)")
         messages, placeholders = self._turns(turns)
+        if isinstance(rec.get("image"), list):  # LLaVA-OneVision / Interleave data may list several images
+            raise Rejected("image_field", f"the record lists {len(rec['image'])} images; multi-image records are not "
+                                          "supported (the cache holds one image per record)")
         if placeholders != int(rec.get("image") is not None):
             raise Rejected("image_placeholders", f"found {placeholders} <image> placeholders, expected {int(rec.get('image') is not None)}")
         if not any(m["role"] == "assistant" for m in messages):
@@ -186,7 +191,8 @@ class Encoder:
         if expanded != ids[:j] + [self.image_token_id] * n_img + ids[j + 1 :]:
             raise Rejected("template", "the processor's expansion of <image> does not match the tokenizer's tokens")
         kinds = np.concatenate([kinds[:j], np.full(n_img, IMAGE, np.int8), kinds[j + 1 :]])  # (T,)
-        model_inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+        per_token = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # the backend rebuilds these
+        model_inputs = {k: v for k, v in out.items() if k not in per_token}
         return expanded, kinds, model_inputs, n_img
 
 

@@ -29,6 +29,10 @@ class HFBackend:
         self.pad_id = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
+        # Qwen2-VL / Qwen2.5-VL place image tokens in M-RoPE's 3-D positions by the per-token modality ids their
+        # processor returns (the model refuses image_grid_thw without them); rebuilt per padded batch.
+        self.processor = teacher.processor
+        self.mm_token_types = "mm_token_type_ids" in getattr(teacher.processor, "model_input_names", ())
 
     def close(self) -> None:
         pass
@@ -37,7 +41,7 @@ class HFBackend:
         return batches(encoded, self.batch_size)
 
     def inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
-        """Right-padded model inputs; every record of a batch has the same image tensor shapes (or none)."""
+        """Right-padded model inputs; the records' image tensors concatenate along dim 0 (see shape_key)."""
         T = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
@@ -45,8 +49,11 @@ class HFBackend:
             ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
             mask[b, : len(e.input_ids)] = 1
         out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if self.mm_token_types:  # 1 at image tokens, 0 elsewhere (padding included), as the processor marks them
+            types = self.processor.create_mm_token_type_ids(ids.tolist())
+            out["mm_token_type_ids"] = torch.tensor(types).to(self.device)  # (B, T)
         for key in batch[0].model_inputs:
-            t = torch.cat([e.model_inputs[key] for e in batch])  # images of the batch, stacked
+            t = torch.cat([e.model_inputs[key] for e in batch])  # images of the batch, in record order
             out[key] = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
         return out
 
@@ -88,4 +95,7 @@ def batches(encoded: list[Encoded], batch_size: int):
 
 
 def shape_key(e: Encoded) -> tuple:
-    return tuple((k, tuple(v.shape)) for k, v in sorted(e.model_inputs.items()))
+    """Records batch together when their image tensors agree beyond dim 0, along which they concatenate: LLaVA's
+    pixel_values (1, C, H, W) -> (B, C, H, W); Qwen2-VL's flattened patches (N_i, C*T*P*P) -> (sum N_i, C*T*P*P)
+    with image_grid_thw (1, 3) -> (B, 3), so its images of any size share a batch."""
+    return tuple((k, tuple(v.shape[1:])) for k, v in sorted(e.model_inputs.items()))

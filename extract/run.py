@@ -299,6 +299,8 @@ def _image_tokens(teacher: Teacher) -> int | None:
     if teacher.processor is None:
         return None
     p = teacher.processor
+    if "image_grid_thw" in p.image_processor.model_input_names:  # Qwen2-VL's dynamic resolution: it varies per image
+        return None
     size = p.image_processor.size
     side = size.get("shortest_edge") or size.get("height")
     ids = p(images=[Image.new("RGB", (side, side))], text=[p.image_token], add_special_tokens=False)["input_ids"][0]

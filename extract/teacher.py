@@ -19,7 +19,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    AutoProcessor,
     AutoTokenizer,
 )
 
@@ -30,6 +29,8 @@ from modkd.store.fingerprint import (
     tokenizer_sha256,
     weights_sha256,
 )
+
+from .processor import load_processor
 
 
 def modkd_home() -> Path:
@@ -111,7 +112,7 @@ def load_teacher(name: str, dtype: torch.dtype, device: str, trust_remote_code: 
         model = model_cls.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
         model.to(device).eval()
     if multimodal:
-        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        processor = load_processor(directory, trust_remote_code)  # AutoProcessor (OneVision without torchvision: images only)
         tokenizer = processor.tokenizer
         template = processor.chat_template
     else:

@@ -36,6 +36,9 @@ def image_processor_sha256(image_processor) -> str | None:
         return None
     config = image_processor.to_dict()
     config.pop("processor_class", None)  # set by whoever saved it, not a property of the pixels
+    # the backend that computes the pixels: without torchvision transformers falls back to a PIL class (e.g.
+    # CLIPImageProcessorPil) whose resizing differs by up to one 8-bit level, yet to_dict names the same type
+    config["backend_class"] = type(image_processor).__name__
     return _sha256_text(json.dumps(config, sort_keys=True, default=str))
 
 

@@ -50,10 +50,17 @@ def check_student_matches_cache(cache: Cache, model, processor, student: str, kd
 
 @torch.no_grad()
 def vision_tokens_per_image(model, processor) -> int:
-    """Tokens the student's vision tower feeds the LLM for one image (CLS dropped by the "default" strategy)."""
+    """Tokens the student's vision tower feeds the LLM for one square image of the processor's size (CLS dropped by
+    the "default" strategy; anyres models: base view + unpadded tiles + one image_newline per row, as the
+    teacher's processor counted them for the manifest)."""
     size = processor.image_processor.crop_size or processor.image_processor.size
     side = size.get("height") or size.get("shortest_edge")
-    pixels = processor.image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")["pixel_values"]
+    inputs = processor.image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")
+    pixels = inputs["pixel_values"]  # (1, 3, H, W); anyres: (1, tiles + 1, 3, H, W)
     tower = model.model.vision_tower
+    if "image_sizes" in inputs:  # LLaVA-OneVision: the tiles are packed with the image sizes
+        features = model.model.get_image_features(pixel_values=pixels.to(tower.dtype).to(tower.device),
+                                                  image_sizes=inputs["image_sizes"].to(tower.device)).pooler_output
+        return features[0].shape[0]  # one (tokens, D) per image
     out = tower(pixels.to(tower.dtype).to(tower.device)).last_hidden_state  # (1, tokens, D)
     return out.shape[1] - (model.config.vision_feature_select_strategy == "default")

@@ -101,7 +101,7 @@ class Batch:
 
     input_ids: torch.Tensor  # (B, T) int64
     attention_mask: torch.Tensor  # (B, T) int64: 1 on tokens, 0 on padding (all 1 when packed)
-    pixel_values: torch.Tensor | None  # (n_images, 3, H, W) fp32
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W) fp32; anyres (OneVision): (n_images, max tiles + 1, 3, H, W)
     flat_positions: torch.Tensor  # (N,) int64: b * T + t of each stored position t
     kinds: torch.Tensor  # (N,) int8: POSITION_KINDS
     targets: torch.Tensor  # (N,) int64: input_ids[b, t + 1]
@@ -110,12 +110,13 @@ class Batch:
     sample_ids: list[str]
     position_ids: torch.Tensor | None = None  # (1, T) int64 when packed: each record's positions from 0
     stream_state: dict | None = None  # the stream's state after this batch was drawn
+    image_sizes: torch.Tensor | None = None  # (n_images, 2) int64 (H, W): anyres models (OneVision) unpad tiles by it
 
     def model_inputs(self) -> dict:
         """The student's (and an online teacher's) keyword arguments: packed rows pass position ids and no mask."""
         mask = None if self.position_ids is not None else self.attention_mask
         return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids,
-                "pixel_values": self.pixel_values, "use_cache": False}
+                "pixel_values": self.pixel_values, "use_cache": False, **_sizes(self.image_sizes)}
 
     def to(self, device) -> Batch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
@@ -136,10 +137,16 @@ class ImageLoader:
         self.checked: set[str] = set()
 
     def pixels(self, records: list[DistillRecord] | list[PreferenceRecord]) -> torch.Tensor | None:
+        return self.inputs(records).get("pixel_values")  # (n, 3, H, W); anyres: (n, max tiles + 1, 3, H, W)
+
+    def inputs(self, records: list[DistillRecord] | list[PreferenceRecord]) -> dict[str, torch.Tensor]:
+        """The image processor's model inputs for the records' images, in record order ({} if none): pixel_values,
+        and image_sizes where the processor gives them (anyres tiling: the model unpads the tiles with them)."""
         images = [self._open(r) for r in records if r.image is not None]
         if not images:
-            return None
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (n, 3, H, W)
+            return {}
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {k: out[k] for k in ("pixel_values", "image_sizes") if k in out}
 
     def _open(self, rec: DistillRecord | PreferenceRecord) -> Image.Image:
         if rec.image.data is not None:  # embedded in the cache (mod-extract --embed-images): no image root needed
@@ -183,8 +190,9 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader, pack
         targets.append(r.input_ids[pos + 1].astype(np.int64))  # position t predicts token t + 1
         topk_ids.append(r.topk_ids.astype(np.int64))
         topk_lp.append(r.topk_logprobs)
+    image = images.inputs(records)
     return Batch(
-        input_ids=ids, attention_mask=mask, pixel_values=images.pixels(records),
+        input_ids=ids, attention_mask=mask, pixel_values=image.get("pixel_values"), image_sizes=image.get("image_sizes"),
         flat_positions=torch.from_numpy(np.concatenate(flat)),
         kinds=torch.from_numpy(np.concatenate(kinds)),
         targets=torch.from_numpy(np.concatenate(targets)),
@@ -206,6 +214,11 @@ class Sequences:
     targets: torch.Tensor  # (N,) int64: the response token at t + 1
     sequence_index: torch.Tensor  # (N,) int64: the row s each position belongs to
     ref_logps: torch.Tensor  # (S,) float64: the teacher's summed log-prob of each row's response
+    image_sizes: torch.Tensor | None = None  # (n_images, 2) int64, in row order: anyres models (OneVision) only
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values,
+                "use_cache": False, **_sizes(self.image_sizes)}
 
     def to(self, device) -> Sequences:
         return Sequences(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})
@@ -226,14 +239,17 @@ class PreferenceBatch:
 
 
 def collate_preference(records: list[PreferenceRecord], pad_id: int, images: ImageLoader) -> PreferenceBatch:
-    pixels = images.pixels(records)  # (n_images, 3, H, W) or None
+    image = images.inputs(records)  # pixel_values (n_images, 3, H, W) [and image_sizes (n_images, 2)], or {}
+    twice = {k: torch.cat([v, v]) for k, v in image.items()}  # the chosen rows, then the rejected rows
     policy = _sequences([(r, "chosen") for r in records] + [(r, "rejected") for r in records], pad_id,
-                        None if pixels is None else torch.cat([pixels, pixels]))
-    mismatched = _sequences([(r, "mismatched") for r in records], pad_id, pixels)
+                        twice.get("pixel_values"), twice.get("image_sizes"))
+    mismatched = _sequences([(r, "mismatched") for r in records], pad_id, image.get("pixel_values"),
+                            image.get("image_sizes"))
     return PreferenceBatch(policy, mismatched, [r.sample_id for r in records])
 
 
-def _sequences(rows: list[tuple[PreferenceRecord, str]], pad_id: int, pixel_values: torch.Tensor | None) -> Sequences:
+def _sequences(rows: list[tuple[PreferenceRecord, str]], pad_id: int, pixel_values: torch.Tensor | None,
+               image_sizes: torch.Tensor | None = None) -> Sequences:
     tokens = [r.sequence(response) for r, response in rows]  # each (Tp + Tx,) int32, as the teacher saw it
     T = max(len(t) for t in tokens)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (S, T)
@@ -251,7 +267,13 @@ def _sequences(rows: list[tuple[PreferenceRecord, str]], pad_id: int, pixel_valu
         input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
         flat_positions=torch.from_numpy(np.concatenate(flat)), targets=torch.from_numpy(np.concatenate(targets)),
         sequence_index=torch.from_numpy(np.concatenate(index)),
-        ref_logps=torch.tensor([getattr(r, f"{response}_logprob") for r, response in rows], dtype=torch.float64))
+        ref_logps=torch.tensor([getattr(r, f"{response}_logprob") for r, response in rows], dtype=torch.float64),
+        image_sizes=image_sizes)
+
+
+def _sizes(image_sizes: torch.Tensor | None) -> dict:
+    """{"image_sizes": ...} for anyres students, {} otherwise: a LLaVA student is called exactly as before."""
+    return {} if image_sizes is None else {"image_sizes": image_sizes}
 
 
 class BatchStream(torch.utils.data.IterableDataset):

@@ -4,8 +4,9 @@ The student: a plain transformers LLaVA model (frozen vision tower, 2-layer MLP 
 sparse upcycling of its dense Qwen2 LLM into a Qwen2-MoE LLM (LLaVA-MoD section 3.1, Eq. 2-4).
 
 Upcycling copies each chosen FFN into `experts` identical experts and adds a linear router
-(softmax over experts, top-k). The result is `LlavaForConditionalGeneration` with a `qwen2_moe` text
-config (`shared_expert_intermediate_size=0`), so a saved student loads with plain transformers.
+(softmax over experts, top-k). The result is the same LLaVA class (`LlavaForConditionalGeneration`, or
+`LlavaOnevisionForConditionalGeneration`) with a `qwen2_moe` text config (`shared_expert_intermediate_size=0`),
+so a saved student loads with plain transformers.
 
 Routing weights follow DeepSpeed-MoE, which LLaVA-MoD's code uses: for k >= 2 the top-k softmax weights
 are renormalised to sum to 1 (`norm_topk_prob=True`), so identical experts give exactly the dense output
@@ -25,19 +26,23 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, Qwen2MoeConfig
+from transformers import (AutoModelForImageTextToText, LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                          Qwen2MoeConfig)
 
 from .config import STAGES
+from .processor import load_processor
+
+LLAVA_CLASSES = (LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration)  # the families students may be
 
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, processor) from a local HF directory or a hub id; the model must be a LLaVA model."""
+    """(model, processor) from a local HF directory or a hub id; the model must be a LLaVA-family model."""
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise ValueError(f"{path}: the student must be a LLaVA model (LlavaForConditionalGeneration), "
+    if not isinstance(model, LLAVA_CLASSES):
+        raise ValueError(f"{path}: the student must be a LLaVA model ({', '.join(c.__name__ for c in LLAVA_CLASSES)}), "
                          f"got {type(model).__name__}")
-    return model, AutoProcessor.from_pretrained(path)
+    return model, load_processor(path)
 
 
 def save_pretrained(model, out: str | Path, state_dict: dict | None = None) -> Path:
@@ -88,7 +93,8 @@ def moe_layers(num_layers: int, every: int) -> list[int]:
 
 def upcycle(dense: LlavaForConditionalGeneration, experts: int = 4, top_k: int = 2, every: int = 1,
             normalize_topk: bool | None = None, aux_loss_coef: float = 0.01, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A LLaVA model whose Qwen2 LLM is sparse-upcycled to Qwen2-MoE (see the module docstring for weights)."""
+    """A LLaVA model of the same class (Llava, LlavaOnevision) whose Qwen2 LLM is sparse-upcycled to Qwen2-MoE
+    (see the module docstring for weights); the vision tower, projector (and OneVision's image_newline) are copied."""
     text = dense.config.text_config
     if text.model_type != "qwen2":
         raise ValueError(f"upcycling needs a Qwen2 LLM (dense LLaVA student); this one is {text.model_type!r}")
@@ -112,9 +118,9 @@ def upcycle(dense: LlavaForConditionalGeneration, experts: int = 4, top_k: int =
         mlp_only_layers=[i for i in range(text.num_hidden_layers) if i not in layers],
         qkv_bias=True,  # Qwen2 attention has q/k/v biases
     )
-    config = LlavaConfig(**{**dense.config.to_dict(), "text_config": moe_text.to_dict()})
+    config = type(dense.config)(**{**dense.config.to_dict(), "text_config": moe_text.to_dict()})
     torch.manual_seed(seed)  # the routers' initialisation
-    sparse = LlavaForConditionalGeneration(config).to(dense.dtype)
+    sparse = type(dense)(config).to(dense.dtype)
     state = dense.state_dict()
     prefix = "model.language_model.layers"
     for i in layers:
@@ -145,8 +151,8 @@ def trainable_names(model: LlavaForConditionalGeneration, stage: str) -> list[st
         raise ValueError("stage d2s trains experts: upcycle the dense student first")
     names = []
     for name, _ in model.named_parameters():
-        if "multi_modal_projector" in name:
-            names.append(name)
+        if "multi_modal_projector" in name or name == "model.image_newline":
+            names.append(name)  # the projector (and OneVision's learned row separator, which sits in its output)
         elif stage in ("sft", "d2d") and (".language_model." in name or name.startswith("lm_head")):
             names.append(name)
         elif stage == "d2s" and ".language_model." in name and ".mlp." in name and "shared_expert" not in name:

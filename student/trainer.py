@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, get_cosine_schedule_with_warmup
+from transformers import AutoModelForImageTextToText, LlavaOnevisionForConditionalGeneration, get_cosine_schedule_with_warmup
 
 from modkd.store import Cache
 
@@ -70,11 +70,7 @@ class StudentWithLoss(torch.nn.Module):
                 teacher_logprobs: torch.Tensor | None = None):
         if self.tap is not None:
             self.tap.reset()  # router logits of this forward only
-        if isinstance(b, Sequences):
-            out = self.llava.model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values,
-                                   use_cache=False)
-        else:
-            out = self.llava.model(**b.model_inputs())
+        out = self.llava.model(**b.model_inputs())  # Batch or Sequences: ids, mask, images (and anyres image sizes)
         hidden = out.last_hidden_state  # (B, T, H)
         hidden = hidden.reshape(-1, hidden.shape[-1])[b.flat_positions]  # (N, H) at the predicting positions
         weight = self.llava.get_output_embeddings().weight[: self.vocab]  # (V, H): used inside the wrapped forward
@@ -107,7 +103,10 @@ class StudentWithLoss(torch.nn.Module):
         and ZeRO-3 gathers the projector as it does on image batches."""
         projector = self.llava.model.multi_modal_projector
         first = next(m for m in projector.modules() if isinstance(m, torch.nn.Linear))
-        return projector(like.new_zeros(0, first.in_features)).sum()  # 0-dim
+        nothing = projector(like.new_zeros(0, first.in_features)).sum()  # 0-dim
+        if isinstance(self.llava, LlavaOnevisionForConditionalGeneration):  # its image_newline trains with the projector
+            nothing = nothing + self.llava.model.image_newline[:0].sum()
+        return nothing
 
 
 def build_student(cfg: TrainConfig, log=print):

@@ -135,3 +135,17 @@ def test_vllm_refuses_a_padded_lm_head_and_says_why(padded_teacher):
     light = load_teacher(str(padded_teacher), torch.float32, "cpu", load_weights=False)
     with pytest.raises(ValueError, match=r"lm_head has \d+ rows for a \d+-token tokenizer.*--backend hf"):
         VLLMBackend(light, 8, "float32", VLLMOptions())
+
+
+def test_the_image_processor_fingerprint_names_the_pixel_backend():
+    """Without torchvision transformers computes pixels with a PIL class whose resizing differs; its to_dict names
+    the same type as the torchvision class, so the fingerprint adds the class actually used."""
+    from transformers import CLIPImageProcessor
+
+    from modkd.store.fingerprint import image_processor_sha256
+
+    here = CLIPImageProcessor()  # CLIPImageProcessorPil on a machine without torchvision
+    other = type("OtherBackend", (type(here),), {})()  # the same settings, computed by another class
+    assert here.to_dict() == {**other.to_dict(), "image_processor_type": here.to_dict()["image_processor_type"]}
+    assert image_processor_sha256(here) != image_processor_sha256(other)
+    assert image_processor_sha256(here) == image_processor_sha256(CLIPImageProcessor())
