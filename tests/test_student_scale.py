@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch
-from modkd.extract.run import ExtractConfig, run
 from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -29,15 +28,8 @@ LOSSES = {"d2d": ("loss/kd",), "d2s": ("loss/kd", "loss/lm"), "pd": ("loss/pd", 
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, teacher_dir, mixed_data, world) -> Path:
-    """8 image records (two row groups of 4: one per rank) and the world's 8 preference pairs, one cache."""
-    tmp = tmp_path_factory.mktemp("scale")
-    records = [json.loads(line) for line in mixed_data.read_text().splitlines()]
-    data = tmp / "eight.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in [r for r in records if "image" in r][:8]))
-    for path in (data, world / "pref.jsonl"):
-        run(ExtractConfig(str(teacher_dir), path, tmp / "cache", world, positions="all", top_k=8, row_group_size=4))
-    return tmp / "cache"
+def cache(eight_image_cache) -> Path:
+    return eight_image_cache  # tests/conftest.py: 8 image records in two row groups of 4, and 8 preference pairs
 
 
 def train(cache: Path, student: Path, out: Path, stage: str, processes: int, *extra: str) -> list[dict]:
