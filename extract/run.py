@@ -210,6 +210,7 @@ class _ShardSink:
         schema = PREFERENCE_SCHEMA if self.subdir == PREFERENCE_SUBDIR else DISTILL_SCHEMA
         self.writer = shard_writer(cfg.format, parquet, schema, cfg.row_group_size, cfg.image_root, cfg.embed_images)
         self.writer.__enter__()
+        self.exit_after = _test_exit_hook()  # read once per shard, not per record
         self.ok = True
 
     def write(self, records_in: int, records: list, rejects: list[dict]) -> None:
@@ -219,7 +220,8 @@ class _ShardSink:
         for rec in records:
             self.writer.write(rec)
             self.written += 1
-            _test_exit_hook(self.written)
+            if self.exit_after is not None and self.written == self.exit_after[0]:
+                _test_exit(self.exit_after[1])
         self.records_in += records_in
         self.rejects += rejects
         self.ok = True
@@ -240,15 +242,21 @@ class _ShardSink:
 TEST_EXIT_HOOK = "MODKD_TEST_EXIT_MIDSHARD"  # tests only: "N:FLAG" exits the process after N records of a shard, once
 
 
-def _test_exit_hook(written_in_shard: int) -> None:
-    """How tests kill a worker in the middle of a shard, once: when FLAG does not exist yet, create it and exit
-    (tests/test_ray.py: Ray retries the task, which redoes the shard)."""
+def _test_exit_hook() -> tuple[int, Path] | None:
+    """How tests kill a worker in the middle of a shard, once: (N, FLAG) from the environment, or None."""
     hook = os.environ.get(TEST_EXIT_HOOK)
-    if hook:
-        after, flag = hook.split(":", 1)
-        if written_in_shard == int(after) and not Path(flag).exists():
-            Path(flag).touch()
-            os._exit(17)
+    if not hook:
+        return None
+    after, flag = hook.split(":", 1)
+    return int(after), Path(flag)
+
+
+def _test_exit(flag: Path) -> None:
+    """When FLAG does not exist yet, create it and exit (tests/test_ray.py: Ray retries the task, which redoes
+    the shard)."""
+    if not flag.exists():
+        flag.touch()
+        os._exit(17)
 
 
 def _reject(raw: RawRecord, r: Rejected) -> dict:
