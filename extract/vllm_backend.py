@@ -8,10 +8,17 @@ What vLLM is asked for, and why:
 - one `LLM` per worker process; `SamplingParams(max_tokens=1, prompt_logprobs=K, detokenize=False,
   flat_logprobs=True)`: Python result objects dominate otherwise (35k vs 3k positions/s on CPU);
 - `max_logprobs=K` (vLLM's default cap is 20) and `logprobs_mode="raw_logprobs"`: log-softmax of the raw
-  logits over the full vocabulary, as the cache contract says;
+  logits over the full vocabulary (the tokenizer's, padding rows dropped: below), as the cache contract says;
 - prompts as token ids with ONE placeholder per image plus `multi_modal_data`: vLLM expands placeholders
   itself, and expands already-expanded ids again, silently. The prompt ids vLLM reports must equal the
   teacher processor's expansion (the cache's `input_ids`); a record where they differ is rejected.
+- a padded lm_head (rows > `len(tokenizer)`: Qwen's 7B teachers, 152,064 rows for 151,646 tokens): vLLM
+  itself drops the padding rows. Its `LogitsProcessor` keeps the first `org_vocab_size` logits right after
+  the lm_head, before any log-softmax or top-k (vLLM's own slot for padded vocabularies, set from
+  `config.vocab_size`); a worker extension (`worker_extension_cls`, called once through `collective_rpc`)
+  sets it to `len(tokenizer)` in every worker, so prompt log-probs, top-k and ranks are over the tokenizer's
+  tokens exactly as the `hf` backend's. `hf_overrides={"vocab_size": ...}` cannot do it: the lm_head takes
+  its row count from the same field and refuses the padded weights. Every returned id is checked < vocab.
 
 vLLM's flat prompt log-probs hold, per prompt token i >= 1 (token 0 has none), first the actual token i
 with its rank, then the top-K by rank. Position t of the cache predicts token t + 1, so it reads row t + 1.
@@ -29,6 +36,19 @@ from .encode import Encoded, Rejected
 from .teacher import Teacher, hf_directory
 
 LOGPROBS_MODE = "raw_logprobs"  # log_softmax of the raw logits over the full vocabulary (the cache contract)
+
+
+class DropPaddingRows:
+    """Mixed into vLLM's worker class (`worker_extension_cls`): runs in every worker process, via collective_rpc."""
+
+    def modkd_drop_padding_rows(self, vocab: int) -> list[int]:
+        """Every LogitsProcessor keeps the first `vocab` logits (the tokenizer's); returns the widths now set."""
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+        heads = [m for m in self.get_model().modules() if isinstance(m, LogitsProcessor)]
+        for m in heads:
+            m.org_vocab_size = vocab  # _get_logits: logits[..., :org_vocab_size], before every log-softmax
+        return [m.org_vocab_size for m in heads]
 
 
 @dataclass
@@ -74,11 +94,6 @@ class VLLMBackend:
     def __init__(self, teacher: Teacher, top_k: int, dtype: str, opts: VLLMOptions, trust_remote_code: bool = False,
                  log=print):
         vocab, rows = teacher.fingerprint["tokenizer_vocab_size"], teacher.fingerprint["vocab_size"]
-        if rows != vocab:  # vLLM's prompt log-probs are a log-softmax over every row, padding included
-            raise ValueError(f"{teacher.fingerprint['name']}: the lm_head has {rows} rows for a {vocab}-token tokenizer; "
-                             f"vLLM normalises prompt log-probs over all {rows} rows, the cache over the tokenizer's "
-                             f"{vocab} tokens. Use --backend hf, which drops the padding rows (vLLM for padded "
-                             f"vocabularies is not built yet)")
         if not 1 <= top_k <= vocab:
             raise ValueError(f"--top-k {top_k} must be between 1 and the vocabulary size {vocab}")
         eager = opts.enforce_eager
@@ -92,6 +107,8 @@ class VLLMBackend:
         self.top_k = top_k
         self.image_token_id = teacher.processor.image_token_id if teacher.processor is not None else None
         kw = {"limit_mm_per_prompt": {"image": 1}} if teacher.processor is not None else {}
+        if rows > vocab:  # padding rows: dropped inside vLLM (module docstring)
+            kw["worker_extension_cls"] = f"{__name__}.{DropPaddingRows.__qualname__}"
         self.llm = vllm.LLM(
             model=str(hf_directory(teacher)), dtype=dtype, seed=0, max_logprobs=top_k, logprobs_mode=LOGPROBS_MODE,
             tensor_parallel_size=opts.tensor_parallel_size, gpu_memory_utilization=opts.gpu_memory_utilization,
@@ -99,6 +116,14 @@ class VLLMBackend:
             enforce_eager=eager, enable_prefix_caching=False,  # prompt log-probs never reuse a prefix
             trust_remote_code=trust_remote_code, **kw)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.vocab = vocab
+        if rows > vocab:
+            widths = self.llm.collective_rpc("modkd_drop_padding_rows", args=(vocab,))  # one list per worker
+            if not widths or not all(w and set(w) == {vocab} for w in widths):  # each worker found and set its heads
+                self.close()
+                raise RuntimeError(f"vLLM {vllm.__version__}: could not make every worker drop the lm_head's "
+                                   f"{rows - vocab} padding rows (logits processors' widths {widths}, wanted {vocab})")
+            log(f"[vllm] lm_head {rows} rows, tokenizer {vocab}: vLLM drops the {rows - vocab} padding rows")
         self._params = {k: vllm.SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
                         for k in {top_k, 0}}
 
@@ -127,6 +152,8 @@ class VLLMBackend:
             flat_ids = np.asarray(lp.token_ids, dtype=np.int64)
             flat_lps = np.asarray(lp.logprobs, dtype=np.float32)
             top = starts[:, None] + 1 + np.arange(self.top_k)  # (P, k) flat indices, rank order
+            if top.size and int(flat_ids[top].max()) >= self.vocab:  # a padding row: vLLM did not drop them
+                raise RuntimeError(f"vLLM returned token id {int(flat_ids[top].max())} >= the tokenizer's {self.vocab}")
             out.append((flat_ids[top].astype(np.int32), flat_lps[top], flat_lps[starts]))
         return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from modkd.extract.encode import Encoded, Rejected
 from modkd.extract.vllm_backend import VLLMBackend, _collapse
@@ -44,7 +45,7 @@ class FakeLLM:
 
 def backend(llm: FakeLLM, k: int) -> VLLMBackend:
     b = object.__new__(VLLMBackend)  # no engine: only the reading of its output is under test
-    b.llm, b.top_k, b.image_token_id, b.max_model_len = llm, k, IMG, 64
+    b.llm, b.top_k, b.image_token_id, b.max_model_len, b.vocab = llm, k, IMG, 64, llm.logp.shape[1]
     b._params = {n: SimpleNamespace(prompt_logprobs=n) for n in (k, 0)}
     return b
 
@@ -90,3 +91,15 @@ def test_a_preference_pair_vllm_refuses_is_rejected_whole():
     for name, ids in responses.items():  # response token i sits at prompt length + i, predicted by the row before
         rows = np.arange(len(ids)) + len(text.prompt_ids) - 1
         np.testing.assert_array_equal(getattr(scored, f"{name}_logprobs"), logp[rows, ids])
+
+
+def test_an_id_beyond_the_tokenizer_stops_the_run():
+    """A padded lm_head's rows are dropped inside vLLM (extract/vllm_backend.py); should a returned top-k id still be
+    one (>= len(tokenizer)), the run stops rather than write it."""
+    logp = np.log(np.full((16, 12), 1 / 12)).astype(np.float32)  # (T, rows)
+    logp[:, 11] = np.log(0.5)  # the last row, a padding row for a tokenizer of 11, first at every position
+    e = Encoded("a", [1, 2, 3, 4], np.zeros(4, np.int8), {}, None, 0)
+    b = backend(FakeLLM(logp, expand=1), 3)
+    b.vocab = 11
+    with pytest.raises(RuntimeError, match=r"token id 11 >= the tokenizer's 11"):
+        b.run([e], [np.array([0, 1, 2], dtype=np.int32)])
