@@ -6,10 +6,11 @@ records whose answer is the passage, into a temporary directory; then `Cache.sta
 (zstd) bytes per position, the mean top-k mass and the mean top-k entropy, and the Parquet footer for
 the compressed bytes of each column.
 
-"raw" is the same content as plain little-endian arrays, no compression, no container: per position
-topk_ids k*4 + topk_logprobs k*4 + target_logprob 4 + position 4 + kind 1 = 8k + 9 bytes, plus the
-record's input_ids (4 bytes per token) spread over its positions. The ratio raw / Parquet is what zstd
-and Parquet's encodings buy. Anchors (DESIGN 3): DistillKit 127-344 B/position, Megatron offline KD
+"raw" is the decoded record as plain little-endian arrays, no packing, no compression, no container
+(what schema 1 stored before zstd): per position topk_ids k*4 + topk_logprobs k*4 + target_logprob 4 +
+position 4 + kind 1 = 8k + 9 bytes, plus the record's input_ids (4 bytes per token) spread over its
+positions. The ratio raw / Parquet is what bit-packing, quantisation (store/encoding.py), zstd and
+Parquet's encodings buy together. Anchors (DESIGN 3): DistillKit 127-344 B/position, Megatron offline KD
 ~528 B/position before zstd, RS-KD reimplementation ~37 B/position (sampled ids + counts).
 
 The same cache is then converted to the WebDataset format (`mod-store convert`, same records and units)
@@ -40,13 +41,10 @@ from modkd.extract.teacher import resolve
 from modkd.store import Cache, convert_cache, shard_paths
 
 ANCHORS = {"DistillKit (low)": 127, "DistillKit (high)": 344, "Megatron, before zstd": 528, "RS-KD": 37}
-DIST_COLUMNS = ("positions", "position_kinds", "topk_ids", "topk_logprobs", "target_logprobs")
-FLOATS = ["topk_logprobs.list.element", "target_logprobs.list.element"]
-WHAT_IF = {  # the same rows re-encoded in memory with other pyarrow writer options (the store writes the defaults)
+DIST_COLUMNS = ("positions", "position_kinds", "num_ids", "ids", "values", "top_logprobs", "tail_mass", "target_logprobs")
+WHAT_IF = {  # the same rows re-encoded in memory with other pyarrow writer options (the store's: store/writer.py)
+    "pyarrow's defaults (dictionary everywhere, plain floats)": dict(),
     "no dictionary encoding": dict(use_dictionary=False),
-    "dictionary for ids only, BYTE_STREAM_SPLIT floats": dict(
-        use_dictionary=["input_ids.list.element", "positions.list.element", "topk_ids.list.element"],
-        column_encoding={c: "BYTE_STREAM_SPLIT" for c in FLOATS}),
 }
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[2])
@@ -122,7 +120,7 @@ print(f"teacher {args.teacher}, top-{k}, {total['records']} records, {tokens} in
       f"(mod-extract took {extract_s:.0f} s)")
 print(f"  Parquet (zstd), whole file      {results['bytes_per_position']:7.1f} B/position  ({total['bytes']} bytes)")
 print(f"  ... distribution columns only   {results['distribution_bytes_per_position']:7.1f} B/position  "
-      f"(positions, kinds, top-k ids + log-probs, target log-prob)")
+      f"(positions, kinds, packed ids + log-prob codes, top-1 log-prob, tail mass, target log-prob)")
 print(f"  raw arrays, uncompressed        {results['raw_bytes_per_position']:7.1f} B/position  "
       f"({8 * k + 9} + 4 * {tokens / P:.2f} input tokens/position); raw / Parquet = {results['compression_ratio']:.2f}x")
 print(f"  mean top-{k} mass {total['mean_topk_mass']:.3f}, mean top-{k} entropy {total['mean_topk_entropy']:.3f} nats")

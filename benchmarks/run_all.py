@@ -51,6 +51,17 @@ def cache_size(r: dict) -> list[str]:
             f"  ours / anchor: {anchors}"]
 
 
+def fidelity(r: dict) -> list[str]:
+    far, close = r["students"]["far"], r["students"]["close"]
+    lines = [f"cache fidelity, {r['teacher']}, {r['positions']} positions: lm_head gradient angle to full KD, far student "
+             f"(KL {far['mean_kl_nats']:.1f} nats) / close ({close['mean_kl_nats']:.1f} nats):"]
+    for s in r["settings"]:
+        for name, e in s["estimators"].items():
+            lines.append(f"  {s['label']:13s} {name:13s} {s['bytes_per_position']:6.1f} B/position  "
+                         f"{e['far']['angle_deg']:5.2f} / {e['close']['angle_deg']:5.2f} deg")
+    return lines
+
+
 def student_step(r: dict) -> list[str]:
     q, mm = r["ratios"], r["methods"]
     return [f"student training step, {r['student_params'] / 1e6:.1f}M student, {r['teacher_params'] / 1e6:.1f}M online teacher "
@@ -85,6 +96,7 @@ def extract_vllm(r: dict) -> list[str]:
 
 
 BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size,
+              "fidelity": fidelity,
               "student_step": student_step, "reader": reader, "extract_vllm": extract_vllm,
               "extract_throughput_images": extract_throughput}
 SCRIPTS = {"extract_throughput_images": ["extract_throughput.py", "--teacher", "toy-llava"]}  # name -> script and its own args

@@ -1,6 +1,7 @@
 """python -c "from modkd.extract.hf_backend import HFBackend; help(HFBackend.run)"
 
-The `hf` backend: a teacher-forced transformers forward pass, then chunked top-k.
+The `hf` backend: a teacher-forced transformers forward pass, then chunked top-k (or, for
+`--encoding sampled`, chunked draws from the full distribution: only this backend sees it).
 
 Runs anywhere transformers runs (CPU included). Batches are right-padded; the base model gives hidden
 states and only the stored positions go through the lm_head (extract/topk.py).
@@ -13,7 +14,9 @@ import torch
 
 from .encode import Encoded
 from .teacher import Teacher
-from .topk import default_chunk, topk_logprobs
+from modkd.store.encoding import sample_uniforms
+
+from .topk import default_chunk, sampled_ids, topk_logprobs
 
 
 class HFBackend:
@@ -64,6 +67,17 @@ class HFBackend:
         ids, lps, tgt = topk_logprobs(hidden, self.lm_head, targets, self.top_k, self.chunk, self.vocab)
         ids, lps, tgt = (np.split(t.cpu().numpy(), bounds) for t in (ids, lps, tgt))
         return list(zip(ids, lps, tgt))
+
+    @torch.no_grad()
+    def run_sampled(self, batch: list[Encoded], positions: list[np.ndarray], samples: int,
+                    seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per record: `samples` draws (P, samples) int64 from the teacher's distribution at each position, fixed
+        by (seed, sample_id, position) (store.encoding.sample_uniforms), and the target log-probs (P,) fp32."""
+        hidden, targets, bounds = self._hidden(batch, positions)
+        u = np.concatenate([sample_uniforms(seed, e.sample_id, p, samples) for e, p in zip(batch, positions)])  # (N, S)
+        draws, tgt = sampled_ids(hidden, self.lm_head, targets, torch.from_numpy(u), self.chunk, self.vocab)
+        draws, tgt = (np.split(t.cpu().numpy(), bounds) for t in (draws, tgt))
+        return list(zip(draws, tgt))
 
     @torch.no_grad()
     def target_logprobs(self, batch: list[Encoded], positions: list[np.ndarray]) -> list[np.ndarray]:

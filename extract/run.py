@@ -1,6 +1,7 @@
 """mod-extract --teacher toy-teacher --data train.jsonl --image-root world/ --out cache/ --shards 8
 
-Extract a teacher's top-k log-probs over a data file into a sharded cache (this worker's shards).
+Extract a teacher's top-k log-probs (or, `--encoding sampled`, draws from its distribution: store/encoding.py)
+over a data file into a sharded cache (this worker's shards).
 
 Shaped like a datatrove step: `run(cfg)` processes shards s with s % num_workers == worker_index, so
 any launcher (torchrun, SLURM arrays, Ray) runs disjoint shard sets. Each shard is written under a
@@ -29,13 +30,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modkd.store.encoding import draws_to_counts, tail_mass
 from modkd.store import (
     PREFERENCE_SCHEMA,
     PREFERENCE_SUBDIR,
     SHARDS_SUBDIR,
     DISTILL_SCHEMA,
     DistillRecord,
+    ENCODINGS,
     FORMATS,
+    Encoding,
     finalize_manifest,
     read_done_marker,
     shard_paths,
@@ -66,6 +70,9 @@ class ExtractConfig:
     image_root: Path | None = None
     shards: int = 1
     top_k: int = 20  # DESIGN 3: top-20 keeps the lm_head gradient within 2-8 deg of full KD at ~160 B/position
+    encoding: str = "topk"  # topk | sampled (store/encoding.py); sampled needs --backend hf
+    samples: int = 32  # sampled: draws per position N
+    sample_seed: int = 0  # sampled: another seed draws another, independent cache
     positions: str = "response"  # the LLaVA-MoD default; extract the widest set any planned run needs
     batch_size: int = 8
     max_length: int = 4096  # longer records are rejected, not truncated: a cut response would be a wrong target
@@ -95,8 +102,13 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend |
                          "--format webdataset and --image-root")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.encoding not in ENCODINGS:
+        raise ValueError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {cfg.encoding!r}")
+    backend_name = resolve_backend(cfg.backend if cfg.encoding == "topk" or cfg.backend != "auto" else "hf")
+    if cfg.encoding == "sampled" and backend_name == "vllm":
+        raise ValueError("--encoding sampled needs the teacher's full distribution at every position, and vLLM returns "
+                         "only its top-K log-probs (K <= max_logprobs); use --backend hf, or --encoding topk with vLLM")
     preference, subdir, index = prepare(cfg.data, cfg.out, cfg.shards)  # the data is scanned once per extraction
-    backend_name = resolve_backend(cfg.backend)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
@@ -265,27 +277,43 @@ def _reject(raw: RawRecord, r: Rejected) -> dict:
 
 def _distil(encoded: list[Encoded], backend: HFBackend | VLLMBackend, cfg) -> list[DistillRecord | Rejected]:
     """Teacher outputs for a window of records, batched as the backend wants, returned in input order."""
+    enc = encoding_of(cfg, backend.vocab)
     selected = [select_positions(e.token_kinds, cfg.positions) for e in encoded]
     out: list[DistillRecord | Rejected | None] = [None] * len(encoded)
     for batch in backend.batches(encoded):
-        results = backend.run([encoded[j] for j in batch], [selected[j][0] for j in batch])
+        records, positions = [encoded[j] for j in batch], [selected[j][0] for j in batch]
+        results = (backend.run(records, positions) if enc.name == "topk" else
+                   backend.run_sampled(records, positions, enc.samples, enc.seed))
         for j, result in zip(batch, results):
             if isinstance(result, Rejected):
                 out[j] = result
                 continue
-            ids, lps, tgt = result
+            if enc.name == "topk":
+                ids, lps, tgt = result  # (P, k) int32, (P, k) fp32, (P,) fp32
+                dist = {"topk_ids": ids, "topk_logprobs": lps, "tail_mass": tail_mass(lps)}
+            else:
+                draws, tgt = result  # (P, N) int64, (P,) fp32
+                ids, counts = draws_to_counts(draws)  # (P, n) distinct ids ascending, their counts
+                dist = {"sampled_ids": ids, "sampled_counts": counts}
             e = encoded[j]
             out[j] = DistillRecord(
                 sample_id=e.sample_id, input_ids=np.asarray(e.input_ids, dtype=np.int32),
-                positions=selected[j][0], position_kinds=selected[j][1], topk_ids=ids, topk_logprobs=lps,
-                target_logprobs=tgt, image=e.image, num_image_tokens=e.num_image_tokens)
+                positions=selected[j][0], position_kinds=selected[j][1], target_logprobs=tgt, image=e.image,
+                num_image_tokens=e.num_image_tokens, encoding=enc, **dist)
     return out
+
+
+def encoding_of(cfg: ExtractConfig, vocab: int) -> Encoding:
+    """The cache's encoding over the tokenizer's `vocab` tokens (manifest settings, store/encoding.py)."""
+    return Encoding(cfg.encoding, vocab, k=cfg.top_k if cfg.encoding == "topk" else 0,
+                    samples=cfg.samples if cfg.encoding == "sampled" else 0,
+                    seed=cfg.sample_seed if cfg.encoding == "sampled" else 0)
 
 
 def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool, engine: dict, data_sha256: str) -> dict:
     fp = teacher.fingerprint
-    settings = {"top_k": cfg.top_k, "encoding": "topk", "positions": cfg.positions, "max_length": cfg.max_length,
-                "shards": cfg.shards, **engine}
+    settings = {**encoding_of(cfg, fp["tokenizer_vocab_size"]).settings(), "positions": cfg.positions,
+                "max_length": cfg.max_length, "shards": cfg.shards, **engine}
     if preference:  # top-k and positions do not apply: every response token's log-prob is stored
         settings = {"kind": "preference", "max_length": cfg.max_length, "shards": cfg.shards, **engine,
                     "mismatched_pairing": "nearest earlier record in the shard (cyclic) with a different chosen"}

@@ -20,7 +20,7 @@ import typer
 from modkd.extract.run import BACKENDS, ExtractConfig, config_dict, run
 from modkd.extract.teacher import PRESETS
 from modkd.extract.vllm_backend import VLLMOptions
-from modkd.store import FORMATS, POSITION_MODES
+from modkd.store import ENCODINGS, FORMATS, POSITION_MODES
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
@@ -33,7 +33,11 @@ def extract(
     out: Path = typer.Option(..., help="cache directory (created; a rerun resumes it)"),
     image_root: Path = typer.Option(None, exists=True, file_okay=False, help="directory image paths are relative to"),
     shards: int = typer.Option(1, min=1, help="number of output shards (a deterministic split of the data file)"),
-    top_k: int = typer.Option(20, min=1, help="teacher log-probs kept per position (not used for preference pairs)"),
+    encoding: str = typer.Option("topk", help="how each position's distribution is stored: topk (the K most likely "
+                                              "tokens' log-probs, any backend) | sampled (N draws, --backend hf)"),
+    top_k: int = typer.Option(20, min=1, help="topk: teacher log-probs kept per position (not used for preference pairs)"),
+    samples: int = typer.Option(32, min=1, help="sampled: draws per position from the teacher's distribution"),
+    sample_seed: int = typer.Option(0, help="sampled: draws are fixed by (seed, sample id, position)"),
     positions: str = typer.Option("response", help=f"which positions to store: {' | '.join(POSITION_MODES)} "
                                                    "(preference pairs: every response token)"),
     batch_size: int = typer.Option(8, min=1),
@@ -67,10 +71,12 @@ def extract(
         raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}")
     if shard_format not in FORMATS or (embed_images and shard_format != "webdataset"):
         raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}; --embed-images needs --format webdataset")
+    if encoding not in ENCODINGS:
+        raise typer.BadParameter(f"--encoding must be one of {', '.join(ENCODINGS)}")
     if positions not in POSITION_MODES:
         raise typer.BadParameter(f"--positions must be one of {', '.join(POSITION_MODES)}")
     cfg = ExtractConfig(teacher=teacher, data=data, out=out, image_root=image_root, shards=shards, top_k=top_k,
-                        positions=positions, batch_size=batch_size, max_length=max_length, num_workers=num_workers,
+                        encoding=encoding, samples=samples, sample_seed=sample_seed, positions=positions, batch_size=batch_size, max_length=max_length, num_workers=num_workers,
                         worker_index=worker_index, row_group_size=row_group_size, dtype=dtype, device=device,
                         trust_remote_code=trust_remote_code, backend=backend, format=shard_format,
                         embed_images=embed_images, encode_workers=encode_workers,

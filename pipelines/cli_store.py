@@ -105,12 +105,13 @@ def status(
 
 
 def _print_table(rows: list[dict], rejects: dict) -> None:
-    typer.echo(f"{'shard':<22} {'records':>9} {'positions':>11} {'bytes':>13} {'B/pos':>8} {'topk mass':>10} {'topk H>=':>9}")
+    typer.echo(f"{'shard':<22} {'records':>9} {'positions':>11} {'bytes':>13} {'B/pos':>8} {'ids/pos':>8} "
+               f"{'topk mass':>10} {'topk H>=':>9}")
     for row in rows:
         typer.echo(
             f"{row['name']:<22} {row['records']:>9} {row['positions']:>11} {row['bytes']:>13} "
-            f"{_number(row['bytes_per_position'], 1):>8} {_number(row['mean_topk_mass'], 4):>10} "
-            f"{_number(row['mean_topk_entropy'], 4):>9}"
+            f"{_number(row['bytes_per_position'], 1):>8} {_number(row['mean_ids'], 1):>8} "
+            f"{_number(row['mean_topk_mass'], 4):>10} {_number(row['mean_topk_entropy'], 4):>9}"
         )
     kinds = ", ".join(f"{kind} {count}" for kind, count in rows[-1]["positions_by_kind"].items())
     typer.echo(f"positions by kind: {kinds}")

@@ -5,6 +5,7 @@ Imports nothing else of modkd: the cache is the only thing that crosses from ext
 
 from .convert import convert_cache
 from .done import read_done_marker, write_done_marker
+from .encoding import ENCODINGS, Encoding
 from .errors import CacheError
 from .layout import FORMATS, PREFERENCE_SUBDIR, SHARDS_SUBDIR, shard_paths
 from .manifest import finalize_manifest, shard_progress
@@ -21,6 +22,8 @@ __all__ = [
     "CacheError",
     "DISTILL_SCHEMA",
     "DistillRecord",
+    "ENCODINGS",
+    "Encoding",
     "FORMATS",
     "ImageRef",
     "POSITION_KINDS",

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from .done import read_done_marker
+from .encoding import Encoding
 from .errors import CacheError
 from .layout import FORMATS, MANIFEST_NAME, SHARDS_SUBDIR, done_markers_on_disk, manifest_path, shard_paths, shard_stem
 from .schema import SCHEMA_VERSION
@@ -136,8 +137,12 @@ def load_manifest(cache_dir: Path | str, subdir: str = SHARDS_SUBDIR) -> dict:
     settings = manifest.get("settings")
     if not isinstance(settings, dict):
         raise CacheError(f"{path}: no settings object (the extractor's header sets it)")
-    if subdir == SHARDS_SUBDIR and (not isinstance(settings.get("top_k"), int) or settings["top_k"] < 1):
-        raise CacheError(f"{path}: settings.top_k must be a positive integer (the extractor's header sets it)")
+    if subdir == SHARDS_SUBDIR:
+        try:
+            Encoding.from_settings(settings)
+        except ValueError as err:
+            raise CacheError(f"{path}: this modkd cannot decode its distributions: {err}; re-extract the cache or "
+                             "install the matching modkd") from None
     fmt = shard_format(manifest)
     if fmt not in FORMATS:
         raise CacheError(f"{path}: settings.format {fmt!r} is not one of {', '.join(FORMATS)}; install a newer modkd")

@@ -31,6 +31,7 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from .encoding import Encoding
 from .errors import CacheError
 from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
 from .manifest import has_part, load_manifest, shard_format
@@ -42,6 +43,7 @@ from .verify import verify_shards
 from .webdataset import IMAGE_DATA, read_unit
 
 PARTS = {SHARDS_SUBDIR: DISTILL_SCHEMA, PREFERENCE_SUBDIR: PREFERENCE_SCHEMA}
+DISTRIBUTION_COLUMNS = ("num_ids", "ids", "values", "top_logprobs", "tail_mass")
 
 
 class Cache:
@@ -50,7 +52,9 @@ class Cache:
         self.manifests = manifests  # subdir -> manifest of each part present
         self.manifest: dict | None = manifests.get(SHARDS_SUBDIR)  # distillation records
         self.preference_manifest: dict | None = manifests.get(PREFERENCE_SUBDIR)
-        self.top_k: int | None = self.manifest["settings"]["top_k"] if self.manifest else None
+        # how the distributions are stored (store/encoding.py); load_manifest checked that this modkd decodes it
+        self.encoding: Encoding | None = Encoding.from_settings(self.manifest["settings"]) if self.manifest else None
+        self.top_k: int | None = self.encoding.k if self.encoding and self.encoding.name == "topk" else None
         self.num_records: int = self.manifest["totals"]["records_written"] if self.manifest else 0
         self.num_preference_records: int = (self.preference_manifest["totals"]["records_written"]
                                             if self.preference_manifest else 0)
@@ -100,7 +104,7 @@ class Cache:
         if self.manifest is None:
             raise CacheError(f"{self.path} holds no distillation records, only preference records; run mod-extract "
                              f"on a LLaVA-format data file with --out {self.path} to add them")
-        decode = lambda row: DistillRecord.from_row(row, self.top_k)  # noqa: E731
+        decode = lambda row: DistillRecord.from_row(row, self.encoding)  # noqa: E731
         return self._stream(SHARDS_SUBDIR, decode, rank, world_size, start, _read_columns(columns), order_seed)
 
     def preference_records(self, rank: int = 0, world_size: int = 1, start: int = 0,
@@ -114,7 +118,7 @@ class Cache:
     def shard_records(self, index: int, subdir: str = SHARDS_SUBDIR) -> Iterator:
         """Every record (or preference pair) of shard `index` in file order, unit by unit (mod-store convert)."""
         decode = PreferenceRecord.from_row if subdir == PREFERENCE_SUBDIR else (
-            lambda row: DistillRecord.from_row(row, self.top_k))
+            lambda row: DistillRecord.from_row(row, self.encoding))
         for shard, unit, _ in self.units(subdir):
             if shard == index:
                 yield from self._read_unit(subdir, index, unit, 0, None, decode)
@@ -195,10 +199,10 @@ class Cache:
         rows, total = [], None
         for index, shard in enumerate(self.manifest["shards"]):
             path, name = self._shard_file(index)
-            sums = shard_sums(path, name, self.top_k, shard)
-            rows.append(summarize(shard["name"], sums, shard["bytes"]))
+            sums = shard_sums(path, name, self.encoding, shard)
+            rows.append(summarize(shard["name"], sums, shard["bytes"], self.encoding))
             total = sums if total is None else total + sums
-        rows.append(summarize("total", total, self.manifest["totals"]["bytes"]))
+        rows.append(summarize("total", total, self.manifest["totals"]["bytes"], self.encoding))
         return rows
 
     def rejects(self, subdir: str = SHARDS_SUBDIR) -> Iterator[dict]:
@@ -241,4 +245,6 @@ def _read_columns(columns: list[str] | None) -> list[str] | None:
     wanted = {"sample_id", *columns}
     if wanted & {"image_path", "image_sha256"}:
         wanted |= {"image_path", "image_sha256"}
+    if wanted & set(DISTRIBUTION_COLUMNS):  # decoding the distribution needs all of them and P
+        wanted |= {*DISTRIBUTION_COLUMNS, "positions"}
     return [name for name in DISTILL_SCHEMA.names if name in wanted]

@@ -1,7 +1,8 @@
 """`python -c "from modkd.store import DistillRecord, PreferenceRecord"`: decoded cache records and their Arrow row form.
 
-A record holds numpy arrays with fixed dtypes; `to_row()` flattens it into a dict keyed by the
-columns of DISTILL_SCHEMA and `from_row(row, k)` rebuilds it. Both check shapes and dtypes and raise
+A record holds numpy arrays with fixed dtypes; `to_row()` encodes it into a dict keyed by the
+columns of DISTILL_SCHEMA (its distribution as the record's `encoding` says, store/encoding.py) and
+`from_row(row, encoding)` decodes it. Both check shapes and dtypes and raise
 a ValueError naming the record and the field. Records read with `Cache.records(columns=...)` carry
 None in every field whose column was not read. `PreferenceRecord` is the same for PREFERENCE_SCHEMA
 (always read whole).
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .encoding import Encoding, decode_sampled, decode_topk, encode_sampled, encode_topk
 from .schema import POSITION_KINDS, PREFERENCE_SCHEMA
 
 
@@ -26,15 +28,23 @@ class ImageRef:
 
 @dataclass
 class DistillRecord:
+    """One record's stored positions and the teacher's distribution at each, in the cache's `encoding`:
+    topk fills topk_ids / topk_logprobs / tail_mass, sampled fills sampled_ids / sampled_counts (the others
+    are None). `target_ids` / `target_probs` give either as the sparse distribution a loss distils toward."""
+
     sample_id: str
     input_ids: np.ndarray  # (T,) int32, image placeholders expanded
     positions: np.ndarray  # (P,) int32, position t predicts input_ids[t + 1]
     position_kinds: np.ndarray  # (P,) int8, values of POSITION_KINDS
-    topk_ids: np.ndarray  # (P, k) int32
-    topk_logprobs: np.ndarray  # (P, k) float32, normalised over the full vocabulary
     target_logprobs: np.ndarray  # (P,) float32, teacher log-prob of input_ids[t + 1]
     image: ImageRef | None
     num_image_tokens: int  # 0 for text-only records
+    encoding: Encoding | None = None  # how to_row stores the distribution (set by the extractor and by Cache)
+    topk_ids: np.ndarray | None = None  # (P, k) int32, rank order
+    topk_logprobs: np.ndarray | None = None  # (P, k) float32, normalised over the full vocabulary
+    tail_mass: np.ndarray | None = None  # (P,) float32, 1 - sum(top-k)
+    sampled_ids: np.ndarray | None = None  # (P, n) int32, each row's distinct drawn ids ascending, zero-padded
+    sampled_counts: np.ndarray | None = None  # (P, n) int32, draws of each id (0 on padding); rows sum to N
     cursor: int = 0  # set by Cache.records: records this rank consumed, this one included
 
     def __post_init__(self) -> None:
@@ -44,6 +54,9 @@ class DistillRecord:
             "position_kinds": (self.position_kinds, np.int8, 1),
             "topk_ids": (self.topk_ids, np.int32, 2),
             "topk_logprobs": (self.topk_logprobs, np.float32, 2),
+            "tail_mass": (self.tail_mass, np.float32, 1),
+            "sampled_ids": (self.sampled_ids, np.int32, 2),
+            "sampled_counts": (self.sampled_counts, np.int32, 2),
             "target_logprobs": (self.target_logprobs, np.float32, 1),
         }
         for name, (value, dtype, ndim) in arrays.items():
@@ -57,18 +70,36 @@ class DistillRecord:
         }
         if len(set(per_position.values())) > 1:
             raise ValueError(f"record {self.sample_id!r}: fields disagree on the number of positions P: {per_position}")
-        both_topk = self.topk_ids is not None and self.topk_logprobs is not None
-        if both_topk and self.topk_ids.shape != self.topk_logprobs.shape:
-            raise ValueError(
-                f"record {self.sample_id!r}: topk_ids {self.topk_ids.shape} and topk_logprobs "
-                f"{self.topk_logprobs.shape} must have the same (P, k) shape"
-            )
+        for a, b in (("topk_ids", "topk_logprobs"), ("sampled_ids", "sampled_counts")):
+            x, y = getattr(self, a), getattr(self, b)
+            if x is not None and y is not None and x.shape != y.shape:
+                raise ValueError(f"record {self.sample_id!r}: {a} {x.shape} and {b} {y.shape} must have the same shape")
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        """(P, n) int32: the ids the teacher's distribution is stored at (top-k, or the distinct sampled ids)."""
+        return self.topk_ids if self.sampled_ids is None else self.sampled_ids
+
+    @property
+    def target_probs(self) -> np.ndarray:
+        """(P, n) float32, rows summing to 1: top-k renormalised (topk) or counts / N (sampled); 0 on padding."""
+        if self.sampled_counts is not None:
+            counts = self.sampled_counts.astype(np.float64)  # (P, n)
+            return (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+        logprobs = self.topk_logprobs.astype(np.float64)  # (P, k)
+        probs = np.exp(logprobs - logprobs.max(axis=1, keepdims=True))  # (P, k)
+        return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def to_row(self) -> dict:
-        """The record as one row of DISTILL_SCHEMA: lists flattened, (P, k) arrays row-major."""
-        missing = [name for name, value in vars(self).items() if value is None and name != "image"]
+        """The record as one row of DISTILL_SCHEMA, its distribution encoded as `self.encoding` says."""
+        enc = self.encoding
+        if enc is None:
+            raise ValueError(f"record {self.sample_id!r}: cannot write a record without its encoding")
+        needed = ("topk_ids", "topk_logprobs", "tail_mass") if enc.name == "topk" else ("sampled_ids", "sampled_counts")
+        missing = [name for name in ("input_ids", "positions", "position_kinds", "target_logprobs", *needed)
+                   if getattr(self, name) is None]
         if missing:
-            raise ValueError(f"record {self.sample_id!r}: cannot write a record without {missing}")
+            raise ValueError(f"record {self.sample_id!r}: cannot write a {enc.name} record without {missing}")
         last = self.input_ids.shape[0] - 1  # position t needs a token at t + 1
         if self.positions.size and (self.positions.min() < 0 or self.positions.max() >= last):
             raise ValueError(
@@ -83,13 +114,27 @@ class DistillRecord:
                 f"record {self.sample_id!r}: num_image_tokens is {self.num_image_tokens} "
                 f"with image {self.image}; text-only records have 0"
             )
+        empty = np.zeros(0, dtype=np.float32)
+        try:
+            if enc.name == "topk":
+                if self.topk_ids.shape[1] != enc.k:
+                    raise ValueError(f"topk_ids has k = {self.topk_ids.shape[1]}, the cache stores top-{enc.k}")
+                num_ids, ids, values, top = encode_topk(enc, self.topk_ids, self.topk_logprobs)
+                tail = self.tail_mass
+            else:
+                (num_ids, ids, values), top, tail = encode_sampled(enc, self.sampled_ids, self.sampled_counts), empty, empty
+        except ValueError as err:
+            raise ValueError(f"record {self.sample_id!r}: {err}") from None
         return {
             "sample_id": self.sample_id,
             "input_ids": self.input_ids,  # (T,) int32
             "positions": self.positions,  # (P,) int32
             "position_kinds": self.position_kinds,  # (P,) int8
-            "topk_ids": self.topk_ids.reshape(-1),  # (P * k,) int32
-            "topk_logprobs": self.topk_logprobs.reshape(-1),  # (P * k,) float32
+            "num_ids": num_ids,
+            "ids": ids,
+            "values": values,
+            "top_logprobs": top,  # (P,) float32 (topk) or empty
+            "tail_mass": tail,  # (P,) float32 (topk) or empty
             "target_logprobs": self.target_logprobs,  # (P,) float32
             "image_path": None if self.image is None else self.image.path,
             "image_sha256": None if self.image is None else self.image.sha256,
@@ -97,22 +142,29 @@ class DistillRecord:
         }
 
     @classmethod
-    def from_row(cls, row: dict, k: int) -> DistillRecord:
-        """Rebuild a record from a row dict; columns absent from `row` become None fields."""
+    def from_row(cls, row: dict, encoding: Encoding) -> DistillRecord:
+        """Rebuild a record from a row dict; columns absent from `row` become None fields (the distribution
+        is decoded when `ids` was read, which needs `positions`, `values`, `top_logprobs` and `tail_mass`)."""
         sample_id = row["sample_id"]
 
         def array(name: str, dtype: type) -> np.ndarray | None:
             return None if name not in row else np.asarray(row[name], dtype=dtype)
 
-        topk_ids = array("topk_ids", np.int32)  # (P * k,) int32
-        topk_logprobs = array("topk_logprobs", np.float32)  # (P * k,) float32
         positions = array("positions", np.int32)  # (P,) int32
-        for name, flat in (("topk_ids", topk_ids), ("topk_logprobs", topk_logprobs)):
-            if flat is None:
-                continue
-            if flat.shape[0] % k or (positions is not None and flat.shape[0] != positions.shape[0] * k):
-                expected = "a multiple of k" if positions is None else f"P * k = {positions.shape[0]} * {k}"
-                raise ValueError(f"record {sample_id!r}: {name} has {flat.shape[0]} values, expected {expected}")
+        dist: dict[str, np.ndarray] = {}
+        if "ids" in row:
+            try:
+                if encoding.name == "topk":
+                    top = array("top_logprobs", np.float32)  # (P,) float32
+                    if top.shape != positions.shape or len(row["tail_mass"]) != positions.shape[0]:
+                        raise ValueError(f"top_logprobs and tail_mass need one value per position (P = {positions.shape[0]})")
+                    ids, logprobs = decode_topk(encoding, row["num_ids"], row["ids"], row["values"], top)
+                    dist = {"topk_ids": ids, "topk_logprobs": logprobs, "tail_mass": array("tail_mass", np.float32)}
+                else:
+                    ids, counts = decode_sampled(encoding, positions.shape[0], row["num_ids"], row["ids"], row["values"])
+                    dist = {"sampled_ids": ids, "sampled_counts": counts}
+            except ValueError as err:
+                raise ValueError(f"record {sample_id!r}: {err}") from None
         image = None
         if row.get("image_path") is not None:
             image = ImageRef(path=row["image_path"], sha256=row["image_sha256"])
@@ -121,11 +173,11 @@ class DistillRecord:
             input_ids=array("input_ids", np.int32),  # (T,) int32
             positions=positions,
             position_kinds=array("position_kinds", np.int8),  # (P,) int8
-            topk_ids=None if topk_ids is None else topk_ids.reshape(-1, k),  # (P, k) int32
-            topk_logprobs=None if topk_logprobs is None else topk_logprobs.reshape(-1, k),  # (P, k) float32
             target_logprobs=array("target_logprobs", np.float32),  # (P,) float32
             image=image,
             num_image_tokens=None if "num_image_tokens" not in row else int(row["num_image_tokens"]),
+            encoding=encoding,
+            **dist,
         )
 
 

@@ -6,7 +6,7 @@ One row per distillation record. Position t stores the teacher's distribution ov
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: distributions bit-packed and quantised (store/encoding.py); 1 stored float32 top-k
 
 # Kind of a stored position t: image if input_ids[t] is an image token, else response if
 # input_ids[t + 1] is an assistant-response token, else instruction.
@@ -20,14 +20,22 @@ POSITION_MODES = {
     "all": ("response", "instruction", "image"),
 }
 
+# The distribution columns hold either encoding of store/encoding.py (manifest settings.encoding):
+#   topk:    ids = (P, K) top-k ids in rank order, values = the K - 1 log-prob offsets below the top-1 per
+#            position, top_logprobs = the top-1's log-prob, tail_mass = 1 - sum(top-K)
+#   sampled: ids = each position's unique drawn ids, ascending, values = their counts - 1; top_logprobs and
+#            tail_mass empty
 DISTILL_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),  # (T,) tokens the teacher saw, image tokens expanded
         pa.field("positions", pa.list_(pa.int32()), nullable=False),  # (P,) stored positions t
         pa.field("position_kinds", pa.list_(pa.int8()), nullable=False),  # (P,) values of POSITION_KINDS
-        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),  # (P * k,) row-major (P, k)
-        pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),  # (P * k,) normalised over the full vocab
+        pa.field("num_ids", pa.int32(), nullable=False),  # ids stored over all positions
+        pa.field("ids", pa.binary(), nullable=False),  # num_ids ids, bit-packed at ceil(log2 V) bits
+        pa.field("values", pa.binary(), nullable=False),  # topk: log-prob offset codes; sampled: counts - 1; bit-packed
+        pa.field("top_logprobs", pa.list_(pa.float32()), nullable=False),  # topk: (P,) top-1 log-prob; sampled: empty
+        pa.field("tail_mass", pa.list_(pa.float32()), nullable=False),  # topk: (P,) 1 - sum(top-K); sampled: empty
         pa.field("target_logprobs", pa.list_(pa.float32()), nullable=False),  # (P,) log-prob of input_ids[t + 1]
         pa.field("image_path", pa.string(), nullable=True),  # posix path relative to the image root
         pa.field("image_sha256", pa.string(), nullable=True),  # hex digest of the image file

@@ -1,9 +1,10 @@
 """`mod-store verify cache/`: read every byte of a cache and list what is wrong with it.
 
 Checks per shard: the file exists, has the manifest's byte size and sha256, opens as DISTILL_SCHEMA,
-holds the manifest's record and position counts, and every row is self-consistent (lengths
-P, P * k, positions in [0, T - 1), known position kinds, no NaN, top-k mass <= 1, image columns
-set together); the rejects file has one line per rejected record; sample ids are unique across the
+holds the manifest's record and position counts, and every row is self-consistent (one value per
+position P where the encoding stores one, positions in [0, T - 1), known position kinds, no NaN, the
+distribution decodes (ids below the vocabulary, sampled counts summing to N per position), the decoded
+top-k mass agrees with 1 - tail_mass, image columns set together); the rejects file has one line per rejected record; sample ids are unique across the
 cache. Preference shards (cache/preference/) get the same file checks and their own row checks: each
 response's ids and per-token log-probs have one non-zero length, log-probs are finite and <= 0, the
 stored sums equal the per-token sums. WebDataset shards (.tar) get the same checks, read through the
@@ -13,11 +14,13 @@ chunk but tar's end blocks) and embedded image bytes against their sha256. Every
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from .encoding import LOGPROB_STEP, Encoding, decode_sampled, decode_topk
 from .errors import CacheError
 from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
 from .manifest import has_part, load_manifest, shard_format
@@ -27,6 +30,7 @@ from .webdataset import check_layout
 from .writer import sha256_file
 
 MASS_TOLERANCE = 1e-3  # float32 log-probs of a full-vocab softmax sum to 1 within ~1e-5; beyond 1e-3 is a bug
+DECODED_MASS_ERROR = math.expm1(LOGPROB_STEP / 2)  # relative: each decoded top-k probability is within it
 SUM_TOLERANCE = 1e-4  # relative: the stored float64 sum against the float32 per-token values summed here
 
 
@@ -65,7 +69,8 @@ def verify_shards(cache_dir: Path, manifest: dict, subdir: str = SHARDS_SUBDIR) 
             problems += [f"{name}: {problem}" for problem in check_layout(parquet, shard["units"], shard["records"])]
         try:
             if subdir == SHARDS_SUBDIR:
-                problems += _check_rows(parquet, name, shard, manifest["settings"]["top_k"], seen_ids, listed)
+                problems += _check_rows(parquet, name, shard, Encoding.from_settings(manifest["settings"]), seen_ids,
+                                        listed)
             else:
                 problems += _check_preference_rows(parquet, name, shard, seen_ids, listed)
         except CacheError as err:
@@ -81,11 +86,11 @@ def _check_rejects(path: Path, name: str, expected: int, listed: str) -> list[st
     return [] if lines == expected else [f"{name}: {lines} lines, {listed} records {expected} rejected records"]
 
 
-def _check_rows(path: Path, name: str, shard: dict, k: int, seen_ids: set[str], listed: str) -> list[str]:
+def _check_rows(path: Path, name: str, shard: dict, encoding: Encoding, seen_ids: set[str], listed: str) -> list[str]:
     bad: dict[str, list] = {}  # check -> [rows failing, first failing row index in the shard]
     records = positions = 0
     for row_group, batch, extra in shard_batches(path, name, DISTILL_SCHEMA, shard):
-        for check, mask in {**_row_checks(batch, k, name, row_group), **extra}.items():  # mask: (R,) bool, True = bad
+        for check, mask in {**_row_checks(batch, encoding, name, row_group), **extra}.items():  # mask: (R,) bool, True = bad
             if mask.any():
                 entry = bad.setdefault(check, [0, records + int(np.argmax(mask))])
                 entry[0] += int(mask.sum())
@@ -103,22 +108,23 @@ def _check_rows(path: Path, name: str, shard: dict, k: int, seen_ids: set[str], 
     return problems
 
 
-def _row_checks(batch: pa.RecordBatch, k: int, name: str, row_group: int) -> dict[str, np.ndarray]:
+def _row_checks(batch: pa.RecordBatch, encoding: Encoding, name: str, row_group: int) -> dict[str, np.ndarray]:
     """Per-row failure masks, each (R,) bool, keyed by what is wrong."""
     try:
         columns = {
             column: list_column(batch.column(column))
-            for column in ("input_ids", "positions", "position_kinds", "topk_ids", "topk_logprobs", "target_logprobs")
+            for column in ("input_ids", "positions", "position_kinds", "top_logprobs", "tail_mass", "target_logprobs")
         }
     except ValueError as err:
         raise CacheError(f"{name}: row group {row_group}: {err}") from None
     lengths = {column: np.diff(offsets) for column, (offsets, _) in columns.items()}  # each (R,) int32
     num_positions = lengths["positions"]  # (R,) int32
+    per_position = num_positions if encoding.name == "topk" else 0 * num_positions  # sampled: both lists empty
     checks = {
         "len(position_kinds) != P": lengths["position_kinds"] != num_positions,
-        "len(topk_ids) != P*k": lengths["topk_ids"] != num_positions * k,
-        "len(topk_logprobs) != P*k": lengths["topk_logprobs"] != num_positions * k,
         "len(target_logprobs) != P": lengths["target_logprobs"] != num_positions,
+        f"len(top_logprobs) != {'P' if encoding.name == 'topk' else '0'}": lengths["top_logprobs"] != per_position,
+        f"len(tail_mass) != {'P' if encoding.name == 'topk' else '0'}": lengths["tail_mass"] != per_position,
     }
     row_of_position = np.repeat(np.arange(batch.num_rows), num_positions)  # (P_total,) int64
     positions = columns["positions"][1]  # (P_total,) int32
@@ -128,16 +134,28 @@ def _row_checks(batch: pa.RecordBatch, k: int, name: str, row_group: int) -> dic
     kinds_ok = np.isin(columns["position_kinds"][1], list(POSITION_KINDS.values()))  # (sum len(kinds),) bool
     kinds_rows = np.repeat(np.arange(batch.num_rows), lengths["position_kinds"])
     checks["unknown position kinds"] = _rows_with(kinds_rows, ~kinds_ok, batch.num_rows)
-    topk = columns["topk_logprobs"][1]  # (sum len(topk_logprobs),) float32
-    topk_rows = np.repeat(np.arange(batch.num_rows), lengths["topk_logprobs"])
-    checks["NaN or positive top-k log-probs"] = _rows_with(topk_rows, ~(topk <= 0), batch.num_rows)
-    target = columns["target_logprobs"][1]  # (sum len(target_logprobs),) float32
-    target_rows = np.repeat(np.arange(batch.num_rows), lengths["target_logprobs"])
-    checks["NaN or positive target log-probs"] = _rows_with(target_rows, ~(target <= 0), batch.num_rows)
-    if not checks["len(topk_logprobs) != P*k"].any():
-        mass = np.exp(topk.astype(np.float64)).reshape(-1, k).sum(axis=1)  # (P_total,) float64
-        over = mass > 1 + MASS_TOLERANCE  # (P_total,) bool
-        checks["top-k probability mass > 1 at some position"] = _rows_with(row_of_position, over, batch.num_rows)
+    for column, bad, what in (("top_logprobs", lambda v: ~(v <= 0), "NaN or positive top-1 log-probs"),
+                              ("tail_mass", lambda v: ~((v >= 0) & (v <= 1)), "NaN or tail mass outside [0, 1]"),
+                              ("target_logprobs", lambda v: ~(v <= 0), "NaN or positive target log-probs")):
+        rows = np.repeat(np.arange(batch.num_rows), lengths[column])
+        checks[what] = _rows_with(rows, bad(columns[column][1]), batch.num_rows)
+    malformed = np.any([mask for mask in checks.values()], axis=0)  # (R,) rows whose lengths cannot be decoded
+    checks["a distribution that does not decode"] = decode_fails = np.zeros(batch.num_rows, dtype=bool)
+    checks["top-k mass disagrees with 1 - tail_mass"] = mass_differs = np.zeros(batch.num_rows, dtype=bool)
+    dist = {c: batch.column(c).to_pylist() for c in ("num_ids", "ids", "values")}
+    for r in np.flatnonzero(~malformed):
+        lo, hi = columns["positions"][0][r], columns["positions"][0][r + 1]
+        try:
+            if encoding.name == "topk":
+                top = columns["top_logprobs"][1][lo:hi]  # (P,) float32
+                _, logprobs = decode_topk(encoding, dist["num_ids"][r], dist["ids"][r], dist["values"][r], top)
+                kept = 1.0 - columns["tail_mass"][1][lo:hi].astype(np.float64)  # (P,) exact at extraction
+                decoded = np.exp(logprobs.astype(np.float64)).sum(axis=1)  # (P,) within the quantisation error
+                mass_differs[r] = (np.abs(decoded - kept) > kept * DECODED_MASS_ERROR + MASS_TOLERANCE).any()
+            else:
+                decode_sampled(encoding, hi - lo, dist["num_ids"][r], dist["ids"][r], dist["values"][r])
+        except ValueError:
+            decode_fails[r] = True
     checks.update(_image_checks(batch))
     return checks
 

@@ -3,13 +3,14 @@
 The WebDataset shard format: one plain tar per shard, one sample per record in shard order, its
 members named `<key>.<field>` (WebDataset groups consecutive members by the name before the first dot):
 
-    <key>.json                   the schema's scalar columns: sample_id (the real id), image_path,
+    <key>.json                   the schema's scalar columns: sample_id (the real id), num_ids, image_path,
                                  image_sha256, num_image_tokens (preference: also mismatched_from and
                                  the three float64 sums)
-    <key>.<column>.npy.zst       each list column as a zstd-compressed .npy in the record's shape:
-                                 input_ids (T,) int32, positions (P,) int32, position_kinds (P,) int8,
-                                 topk_ids (P, k) int32, topk_logprobs (P, k) float32, target_logprobs (P,) float32
-                                 (Parquet stores the same values with (P, k) flattened)
+    <key>.<column>.npy.zst       each list column as a zstd-compressed 1-D .npy: input_ids (T,) int32,
+                                 positions (P,) int32, position_kinds (P,) int8, top_logprobs, tail_mass and
+                                 target_logprobs float32 (preference: ids and per-token log-probs)
+    <key>.<column>.bin           each binary column's bytes as they are: the bit-packed `ids` and `values`
+                                 (store/encoding.py; already dense, so not compressed again)
     <key>.image<suffix>          the image file's bytes (e.g. `.image.png`), only when images are embedded
 
 `key` is the sample id with every byte outside [A-Za-z0-9_-] written as %XX: no dots, no slashes, and
@@ -57,9 +58,14 @@ def list_columns(schema: pa.Schema) -> dict[str, np.dtype]:
     return {f.name: np.dtype(f.type.value_type.to_pandas_dtype()) for f in schema if pa.types.is_list(f.type)}
 
 
+def binary_columns(schema: pa.Schema) -> list[str]:
+    """Columns stored as raw `.bin` members."""
+    return [f.name for f in schema if pa.types.is_binary(f.type)]
+
+
 def scalar_columns(schema: pa.Schema) -> list[str]:
     """Columns stored in the sample's .json member."""
-    return [f.name for f in schema if not pa.types.is_list(f.type)]
+    return [f.name for f in schema if not pa.types.is_list(f.type) and not pa.types.is_binary(f.type)]
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -83,7 +89,7 @@ class WebDatasetWriter:
         self.image_root, self.embed_images = image_root, embed_images
         self.tmp_path = _tmp_path(self.path)
         self.stats: dict | None = None
-        self._arrays, self._scalars = list_columns(schema), scalar_columns(schema)
+        self._arrays, self._scalars, self._binary = list_columns(schema), scalar_columns(schema), binary_columns(schema)
         self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self._tar: tarfile.TarFile | None = None
         self._units: list[list[int]] = []
@@ -101,10 +107,10 @@ class WebDatasetWriter:
         key = sample_key(row["sample_id"])
         members = [(f"{key}.json", json.dumps({c: row[c] for c in self._scalars}).encode())]
         for column, dtype in self._arrays.items():
-            array = np.asarray(getattr(record, column), dtype=dtype)  # the record's shape: (P, k) for top-k
             buf = io.BytesIO()
-            np.save(buf, array, allow_pickle=False)
+            np.save(buf, np.asarray(row[column], dtype=dtype), allow_pickle=False)  # 1-D, as Parquet's list column
             members.append((f"{key}.{column}.npy.zst", self._zstd.compress(buf.getvalue())))
+        members += [(f"{key}.{column}.bin", row[column]) for column in self._binary]
         if self.embed_images and row["image_path"] is not None:
             suffix = Path(row["image_path"]).suffix.lower()
             members.append((f"{key}.{IMAGE_FIELD}{suffix}", self._image_bytes(record, row)))
@@ -244,6 +250,7 @@ class _Layout:
         wanted = set(schema.names if columns is None else columns)
         self.scalars = [c for c in scalar_columns(schema) if c in wanted]
         self.arrays = {c: dtype for c, dtype in list_columns(schema).items() if c in wanted}
+        self.binary = [c for c in binary_columns(schema) if c in wanted]
         self.images = "image_path" in wanted
         self.zstd = zstandard.ZstdDecompressor()  # one per chunk: making one costs more than a small member
 
@@ -261,7 +268,11 @@ class _Layout:
             array = _load_npy(self.zstd.decompress(blob))
             if array.dtype != dtype:
                 raise ValueError(f"sample {key!r}: {column} is {array.dtype}, the schema says {dtype}")
-            row[column] = array.reshape(-1)  # (n,) as the Parquet column: from_row restores (P, k)
+            row[column] = array.reshape(-1)  # (n,) as the Parquet column
+        for column in self.binary:
+            if f"{column}.bin" not in members:
+                raise ValueError(f"sample {key!r} has no {column}.bin member")
+            row[column] = members[f"{column}.bin"]
         if self.images:
             image = next((field for field in members if field.startswith(IMAGE_FIELD)), None)
             if image is not None:

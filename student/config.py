@@ -39,7 +39,7 @@ class TrainConfig:
     kd_weight: float = 1.0  # 0 disables the KL term (init, sft)
     lm_weight: float = 0.0  # CE on response tokens (init, sft, d2s)
     kd_positions: str = "response"  # which cached positions are distilled: a key of store.POSITION_MODES
-    tail: bool = False  # add the tail bucket 1 - sum(top-k) to the KL (otherwise top-k renormalised)
+    tail: bool = False  # topk caches: add the tail bucket 1 - sum(top-k) to the KL (otherwise renormalised); sampled: refused
     experts: int = 4  # d2s upcycling: E4T2 is LLaVA-MoD's default
     top_k_experts: int = 2
     moe_every: int = 1  # experts in every layer (1) or every other layer (2, as LLaVA-MoD's code)

@@ -105,8 +105,9 @@ class Batch:
     flat_positions: torch.Tensor  # (N,) int64: b * T + t of each stored position t
     kinds: torch.Tensor  # (N,) int8: POSITION_KINDS
     targets: torch.Tensor  # (N,) int64: input_ids[b, t + 1]
-    topk_ids: torch.Tensor  # (N, k) int64
-    topk_logprobs: torch.Tensor  # (N, k) fp32
+    target_ids: torch.Tensor  # (N, n) int64: the cached ids (rec.target_ids), rows zero-padded to the batch's widest
+    target_probs: torch.Tensor  # (N, n) fp32: the teacher's probabilities there (rec.target_probs), 0 on padding
+    tail_mass: torch.Tensor  # (N,) fp32: mass outside the ids (topk caches; 0 for sampled ones)
     sample_ids: list[str]
     position_ids: torch.Tensor | None = None  # (1, T) int64 when packed: each record's positions from 0
     stream_state: dict | None = None  # the stream's state after this batch was drawn
@@ -178,7 +179,9 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader, pack
     rows, T = (1, sum(lengths)) if pack else (len(records), max(lengths))
     ids = torch.full((rows, T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((rows, T), dtype=torch.long)  # (B, T)
-    flat, kinds, targets, topk_ids, topk_lp = [], [], [], [], []
+    flat, kinds, targets = [], [], []
+    width = max(r.target_ids.shape[1] for r in records)  # sampled rows differ in distinct ids; top-k rows are k wide
+    cached_ids, cached_probs, tails = [], [], []
     for b, r in enumerate(records):
         n = lengths[b]
         start = sum(lengths[:b]) if pack else b * T  # flat index of the record's first token
@@ -188,16 +191,19 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader, pack
         flat.append(start + pos)
         kinds.append(r.position_kinds)
         targets.append(r.input_ids[pos + 1].astype(np.int64))  # position t predicts token t + 1
-        topk_ids.append(r.topk_ids.astype(np.int64))
-        topk_lp.append(r.topk_logprobs)
+        pad = ((0, 0), (0, width - r.target_ids.shape[1]))
+        cached_ids.append(np.pad(r.target_ids.astype(np.int64), pad))  # (P, n) padding: id 0 ...
+        cached_probs.append(np.pad(r.target_probs, pad))  # (P, n) ... with probability 0
+        tails.append(r.tail_mass if r.tail_mass is not None else np.zeros(len(pos), np.float32))
     image = images.inputs(records)
     return Batch(
         input_ids=ids, attention_mask=mask, pixel_values=image.get("pixel_values"), image_sizes=image.get("image_sizes"),
         flat_positions=torch.from_numpy(np.concatenate(flat)),
         kinds=torch.from_numpy(np.concatenate(kinds)),
         targets=torch.from_numpy(np.concatenate(targets)),
-        topk_ids=torch.from_numpy(np.concatenate(topk_ids)),
-        topk_logprobs=torch.from_numpy(np.concatenate(topk_lp)),
+        target_ids=torch.from_numpy(np.concatenate(cached_ids)),
+        target_probs=torch.from_numpy(np.concatenate(cached_probs)),
+        tail_mass=torch.from_numpy(np.concatenate(tails)),
         sample_ids=[r.sample_id for r in records],
         position_ids=torch.cat([torch.arange(n) for n in lengths])[None] if pack else None,  # (1, T)
     )

@@ -39,10 +39,10 @@ def student_logprobs(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch
                      chunk: int = CHUNK_POSITIONS, tail: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's log q at the cached ids, at the target token, and of the tail outside the ids.
 
-    hidden (N, H) at the predicting positions; weight (V, H) the lm_head; topk_ids (N, k) int64 (unique
-    per row); targets (N,) int64. Returns (N, k), (N,), (N,) fp32. The tail is computed as a
-    logsumexp over the tokens outside the ids, so it never suffers 1 - sum(q) cancellation; with
-    tail=False it is skipped (NaN), saving a (chunk, V) copy.
+    hidden (N, H) at the predicting positions; weight (V, H) the lm_head; topk_ids (N, k) int64 (unique per
+    row where the tail is wanted; sampled rows repeat their padding id 0); targets (N,) int64. Returns
+    (N, k), (N,), (N,) fp32. The tail is computed as a logsumexp over the tokens outside the ids, so it
+    never suffers 1 - sum(q) cancellation; with tail=False it is skipped (NaN), saving a (chunk, V) copy.
     """
     n = hidden.shape[0]
     if n <= chunk:
@@ -60,26 +60,40 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return student_logprobs(hidden, weight, no_ids, targets, chunk, tail=False)[1]
 
 
-def forward_kl(logq_topk: torch.Tensor, logp_topk: torch.Tensor, logq_tail: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-position forward KL(p || q) over the cached support; (N,) fp32.
+def forward_kl(logq: torch.Tensor, p: torch.Tensor, p_tail: torch.Tensor | None = None,
+               logq_tail: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position forward KL(p || q) over a cached sparse distribution; (N,) fp32.
 
-    Without a tail: p is the teacher's top-k renormalised to sum to 1 (biased toward the head) and q the
-    student's full-vocabulary log-softmax at those ids: sum_i p_i (log p_i - log q_i) >= KL(p || q|support) >= 0.
-    With the tail bucket: p_i are the teacher's true probabilities, plus p_tail = 1 - sum p_i against
-    q_tail = 1 - sum q_i, i.e. the exact KL between the two (k + 1)-bucket distributions. With k = V
-    both forms equal full-vocabulary KL.
+    logq (N, n): the student's full-vocabulary log-softmax at the cached ids; p (N, n): the teacher's
+    probabilities there (`rec.target_probs`: top-k renormalised, or sampled counts / N), 0 on padding
+    entries, which add nothing. The sum is sum_i p_i (log p_i - log q_i); its gradient in the student's
+    logits is q - p on the support, so it is unbiased exactly when E[p] is the teacher's distribution
+    (sampled targets; renormalised top-k is biased toward the head).
+
+    With the tail bucket, p sums to 1 - p_tail and p_tail (N,) is the mass outside the ids, against
+    logq_tail = log(1 - sum_i q_i): the exact KL between the two (n + 1)-bucket distributions. With the
+    whole vocabulary cached every form equals full-vocabulary KL.
     """
-    logp_topk = logp_topk.float()  # (N, k) fp32
-    if logq_tail is None:
-        logp = torch.log_softmax(logp_topk, dim=-1)  # (N, k) renormalised over the support
-        return (logp.exp() * (logp - logq_topk)).sum(-1)
-    head = (logp_topk.exp() * (logp_topk - logq_topk)).sum(-1)  # (N,)
-    p_tail = (1.0 - logp_topk.exp().sum(-1)).clamp(min=0.0)  # (N,) cached log-probs may sum to 1 + eps
-    # q_tail = 0 (logq_tail = -inf) only when the ids cover the whole vocabulary: then p_tail is fp32 rounding, not mass
+    p = p.float()  # (N, n)
+    head = torch.where(p > 0, p * (torch.log(p.clamp(min=1e-30)) - logq), torch.zeros_like(logq)).sum(-1)  # (N,)
+    if p_tail is None:
+        return head
+    # q_tail = 0 (logq_tail = -inf) only when the ids cover the whole vocabulary: then p_tail is rounding, not mass
     has_tail = (p_tail > 0) & (logq_tail > float("-inf"))
     safe_tail = torch.where(has_tail, logq_tail, torch.zeros_like(logq_tail))  # 0 * -inf would be NaN
     tail = torch.where(has_tail, p_tail * (torch.log(p_tail.clamp(min=1e-30)) - safe_tail), torch.zeros_like(p_tail))
     return head + tail
+
+
+def kd_estimator(encoding: str, tail: bool) -> str:
+    """What the KL term estimates from, fixed by the cache's encoding (its manifest), never by a second flag:
+    "renormalised" top-k, top-k plus the "tail bucket" (`tail=true`), or "sampled" counts / N (unbiased)."""
+    if encoding == "sampled":
+        if tail:
+            raise ValueError("tail=true needs a topk cache: a sampled cache stores no tail mass, and its counts / N "
+                             "already estimate the whole distribution without bias; drop --set tail=true")
+        return "sampled"
+    return "tail bucket" if tail else "renormalised"
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from .checks import check_student_matches_cache
 from .config import TrainConfig, for_processes
 from .data import Batch, BatchStream, Sequences
 from .engine import backward_scale, configure_engine
-from .losses import forward_kl, masked_sum, student_logprobs, target_logprobs
+from .losses import forward_kl, kd_estimator, masked_sum, student_logprobs, target_logprobs
 from .model import freeze_for, is_sparse, load_student, save_pretrained, upcycle
 from .pd import accumulate_preference
 from .preference import sequence_logprobs
@@ -83,16 +83,21 @@ class StudentWithLoss(torch.nn.Module):
         if teacher_logprobs is not None:  # online comparison: the teacher's full distribution at the used positions
             logp = teacher_logprobs  # (n, V) fp32
             ids = torch.arange(logp.shape[1], device=hidden.device).expand_as(logp)  # (n, V)
+            p, p_tail = logp.exp(), None  # (n, V): the whole vocabulary, nothing outside it
         elif self.distil:
-            ids, logp = b.topk_ids[used], b.topk_logprobs[used]  # (n, k), (n, k)
+            ids, p = b.target_ids[used], b.target_probs[used]  # (n, k), (n, k): rows sum to 1
+            p_tail = b.tail_mass[used] if self.tail else None  # (n,) the tail bucket takes its share of the mass
+            if self.tail:
+                p = p * (1.0 - p_tail)[:, None]  # (n, k): the teacher's top-k probabilities, summing to 1 - tail
         else:
             ids = b.targets.new_zeros((hidden.shape[0], 0))  # (n, 0): no cached support, no KL work
-            logp = hidden.new_zeros((hidden.shape[0], 0), dtype=torch.float32)
+            p, p_tail = hidden.new_zeros((hidden.shape[0], 0), dtype=torch.float32), None
         if ids.numel() and int(ids.max()) >= weight.shape[0]:
             raise ValueError(f"cached token id {int(ids.max())} is outside the student's vocabulary "
                              f"({weight.shape[0]} tokens)")
-        logq_topk, logq_target, logq_tail = student_logprobs(hidden, weight, ids, b.targets[used], tail=self.tail)
-        kd = masked_sum(forward_kl(logq_topk, logp, logq_tail if self.tail else None), kd_mask[used])
+        tail = p_tail is not None
+        logq_ids, logq_target, logq_tail = student_logprobs(hidden, weight, ids, b.targets[used], tail=tail)
+        kd = masked_sum(forward_kl(logq_ids, p, p_tail, logq_tail if tail else None), kd_mask[used])
         lm = masked_sum(-logq_target, lm_mask[used])
         aux = self.tap.aux_loss(b.attention_mask) if self.tap is not None else torch.zeros((), device=hidden.device)
         return kd, lm, aux.to(hidden.device) + unused
@@ -145,6 +150,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     preference = cfg.stage == "pd"
     model, processor, trained = build_student(cfg, log if accelerator.is_main_process else _quiet)
     check_student_matches_cache(cache, model, processor, cfg.student, None if preference else cfg.kd_positions)
+    estimator = None if preference else kd_estimator(cache.encoding.name, cfg.tail)  # from the manifest, printed below
     tap = RouterTap(model, cfg.routing) if is_sparse(model) else None
     ddp.find_unused_parameters = tap is not None  # unrouted experts get no gradient; a dense student uses every weight
     teacher = _online_teacher(cfg, accelerator) if cfg.online_teacher else None
@@ -170,10 +176,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
     loader_rng = torch.Generator().manual_seed(cfg.seed)  # the DataLoader draws a seed: not from the restored global RNG
     batches = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=cfg.num_workers, generator=loader_rng))
     if accelerator.is_main_process:
-        accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in cfg.to_json().items()})
+        accelerator.init_trackers("tensorboard", config={**{k: str(v) for k, v in cfg.to_json().items()},
+                                                         "kd_estimator": str(estimator)})
         log(f"[train] stage {cfg.stage}: {n_params:,} trained parameters in {len(trained)} tensors; global batch "
             f"{cfg.global_batch} = {accelerator.num_processes} process(es) x batch {cfg.batch_size} x grad_accum "
             f"{cfg.grad_accum} ({'given' if given is not None else 'derived from the global batch'})")
+        if cfg.kd_weight and not preference:
+            log(f"[train] KL estimator: {estimator} (the cache's encoding is {cache.encoding.describe()})")
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.stage}", unit="step",
                disable=not accelerator.is_main_process)

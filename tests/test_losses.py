@@ -25,7 +25,11 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _kl(logq_topk, logp_topk, logq_tail, mode):
-    return forward_kl(logq_topk, logp_topk, logq_tail if mode == "tail" else None)
+    """The two top-k estimators from the teacher's top-k log-probs: renormalised, or true p plus the tail bucket."""
+    if mode == "renorm":
+        return forward_kl(logq_topk, torch.softmax(logp_topk.float(), dim=-1))
+    p = logp_topk.float().exp()  # (N, k)
+    return forward_kl(logq_topk, p, (1.0 - p.sum(-1)).clamp(min=0.0), logq_tail)
 
 
 def _perms(n: int, v: int, g: torch.Generator) -> torch.Tensor:
@@ -77,7 +81,7 @@ def test_forward_kl_identical_with_tail_bucket_is_zero():
     targets = torch.randint(0, v, (n,), generator=g)
     logq_topk, _, logq_tail = student_logprobs(hidden, weight, ids, targets)
     assert torch.isfinite(logq_tail).all()
-    kl = forward_kl(logq_topk, logq_topk.detach().clone(), logq_tail)  # p == q on the k ids and (so) on the tail
+    kl = _kl(logq_topk, logq_topk.detach().clone(), logq_tail, "tail")  # p == q on the k ids and (so) on the tail
     torch.testing.assert_close(kl, torch.zeros(n), rtol=0, atol=1e-6)
 
 
@@ -156,7 +160,7 @@ def test_student_logprobs_chunked_equals_unchunked():
     for chunk in (3, 1000):  # 3 does not divide 20: the last chunk is short
         hidden, weight = hidden0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
         outs = student_logprobs(hidden, weight, ids, targets, chunk=chunk)
-        loss = forward_kl(outs[0], logp_topk, outs[2]).sum() - outs[1].sum() + forward_kl(outs[0], logp_topk).sum()
+        loss = _kl(outs[0], logp_topk, outs[2], "tail").sum() - outs[1].sum() + _kl(outs[0], logp_topk, None, "renorm").sum()
         loss.backward()
         results.append((outs, hidden.grad, weight.grad))
     (outs_c, gh_c, gw_c), (outs_u, gh_u, gw_u) = results
@@ -247,7 +251,7 @@ def test_forward_kl_tail_stable_when_tails_are_tiny():
     hidden, weight = _logits_as_hidden(z)
     logq_topk, _, logq_tail = student_logprobs(hidden, weight, ids, torch.zeros(len(ids), dtype=torch.int64))
     assert torch.isfinite(logq_tail).all() and (logq_tail < -30).all()  # log space: no underflow to -inf
-    kl = forward_kl(logq_topk, logp.gather(1, ids).float(), logq_tail)
+    kl = _kl(logq_topk, logp.gather(1, ids).float(), logq_tail, "tail")
     assert torch.isfinite(kl).all()
     kl_ref = _full_kl(logp, torch.log_softmax(z, dim=-1)).float()
     torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-5)
@@ -261,7 +265,7 @@ def test_forward_kl_tail_stable_when_teacher_mass_exceeds_one():
     assert (logp_topk.double().exp().sum(-1) > 1).all()
     hidden, weight = _logits_as_hidden(z)
     logq_topk, _, logq_tail = student_logprobs(hidden, weight, ids, torch.zeros(len(ids), dtype=torch.int64))
-    kl = forward_kl(logq_topk, logp_topk, logq_tail)
+    kl = _kl(logq_topk, logp_topk, logq_tail, "tail")
     assert torch.isfinite(kl).all()
     assert (kl >= -1e-6).all(), kl.min()
     kl.sum().backward()
@@ -295,7 +299,7 @@ def test_forward_kl_renorm_grad_is_q_minus_renormalised_p():
     p_hat = torch.zeros(n, v, dtype=torch.float64).scatter(1, ids, torch.softmax(logp_topk.double(), dim=-1))
     hidden, weight = _logits_as_hidden(z)
     logq_topk, _, _ = student_logprobs(hidden, weight, ids, torch.zeros(n, dtype=torch.int64))
-    forward_kl(logq_topk, logp_topk).sum().backward()
+    _kl(logq_topk, logp_topk, None, "renorm").sum().backward()
     torch.testing.assert_close(hidden.grad, (torch.softmax(z, dim=-1) - p_hat).float(), rtol=1e-5, atol=1e-6)
 
 
@@ -313,7 +317,7 @@ def test_forward_kl_tail_grad_spreads_teacher_tail_like_student_tail():
                           p_tail * q / q_tail)
     hidden, weight = _logits_as_hidden(z)
     logq_topk, _, logq_tail = student_logprobs(hidden, weight, ids, torch.zeros(n, dtype=torch.int64))
-    forward_kl(logq_topk, logp_topk, logq_tail).sum().backward()
+    _kl(logq_topk, logp_topk, logq_tail, "tail").sum().backward()
     torch.testing.assert_close(hidden.grad, (q - p_tilde).float(), rtol=1e-5, atol=1e-6)
 
 
@@ -336,7 +340,7 @@ def test_forward_kl_golden_values():
     logq_topk, logq_target, logq_tail = student_logprobs(hidden, weight, ids, torch.tensor([2, 0]))
     torch.testing.assert_close(logq_tail, torch.full((2,), -1.3862943611198906), rtol=1e-6, atol=0)  # log q(2) = log 1/4
     torch.testing.assert_close(logq_target, torch.tensor([-1.3862943611198906, -0.6931471805599453]), rtol=1e-6, atol=0)
-    torch.testing.assert_close(forward_kl(logq_topk, logp_topk), torch.full((2,), 0.28768207245178085),
+    torch.testing.assert_close(_kl(logq_topk, logp_topk, None, "renorm"), torch.full((2,), 0.28768207245178085),
                                rtol=1e-5, atol=0)
-    torch.testing.assert_close(forward_kl(logq_topk, logp_topk, logq_tail), torch.full((2,), 0.07246032792714363),
+    torch.testing.assert_close(_kl(logq_topk, logp_topk, logq_tail, "tail"), torch.full((2,), 0.07246032792714363),
                                rtol=1e-5, atol=0)

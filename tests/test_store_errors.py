@@ -75,7 +75,8 @@ def test_reading_corrupt_pages_or_footer_names_the_shard(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CacheError, match=SHARD_1):
         list(Cache.open(tmp_path).records())
-    data[-40:-8] = bytes(32)  # and the footer
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[-8 - footer : -8] = bytes(footer)  # and the footer
     path.write_bytes(bytes(data))
     with pytest.raises(CacheError, match=f"{SHARD_1} is not a readable Parquet file"):
         list(Cache.open(tmp_path).records())
@@ -96,12 +97,16 @@ def test_verify_catches_inconsistent_rows(tmp_path):
     build_cache(tmp_path, [3, 4, 2], k=4)
     table = pq.read_table(tmp_path / SHARD_1)
     rows = table.to_pylist()
-    rows[2]["topk_ids"] = rows[2]["topk_ids"] + [1]
-    assert rows[3]["positions"], "the seed must give row 3 positions"
+    rows[2]["tail_mass"] = rows[2]["tail_mass"] + [0.5]
+    assert rows[3]["positions"] and rows[0]["positions"] and rows[1]["positions"], "the seed must give rows positions"
     rows[3]["position_kinds"] = [7] * len(rows[3]["position_kinds"])
+    rows[0]["ids"] = rows[0]["ids"][:-1]  # the packed ids cut short
+    rows[1]["top_logprobs"] = [x - 1.0 for x in rows[1]["top_logprobs"]]  # decoded mass no longer 1 - tail_mass
     _replace_shard(tmp_path, 1, 3, pa.Table.from_pylist(rows, schema=DISTILL_SCHEMA))
     problems = verify_cache(tmp_path)
-    assert f"{SHARD_1}: 1 rows with len(topk_ids) != P*k (first: row 2)" in problems
+    assert f"{SHARD_1}: 1 rows with len(tail_mass) != P (first: row 2)" in problems
+    assert f"{SHARD_1}: 1 rows with a distribution that does not decode (first: row 0)" in problems
+    assert f"{SHARD_1}: 1 rows with top-k mass disagrees with 1 - tail_mass (first: row 1)" in problems
     assert f"{SHARD_1}: 1 rows with unknown position kinds (first: row 3)" in problems
     with pytest.raises(CacheError, match=f"{SHARD_1}: row group 0 holds a malformed record"):
         list(Cache.open(tmp_path).records())

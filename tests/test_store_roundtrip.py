@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_store_helpers import HEADER, assert_same_record, build_cache, random_record, write_shard
+from test_store_helpers import HEADER, VOCAB, assert_same_record, build_cache, random_record, write_shard
 
-from modkd.store import DISTILL_SCHEMA, Cache, DistillRecord, finalize_manifest, shard_paths, shard_progress
+from modkd.store import DISTILL_SCHEMA, Cache, DistillRecord, Encoding, finalize_manifest, shard_paths, shard_progress
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -32,7 +32,7 @@ def test_shard_is_plain_parquet_with_the_schema(tmp_path):
     assert pq.ParquetFile(parquet).metadata.num_row_groups == 3  # 4 + 4 + 2
     assert pq.ParquetFile(parquet).metadata.row_group(0).column(0).compression == "ZSTD"
     row = table.slice(0, 1).to_pylist()[0]
-    assert_same_record(DistillRecord.from_row(row, 3), written[0])
+    assert_same_record(DistillRecord.from_row(row, Encoding("topk", VOCAB, k=3)), written[0])
 
 
 def test_columns_subset_reads_only_those(tmp_path):
@@ -90,6 +90,14 @@ def test_record_checks_shapes_and_dtypes():
         DistillRecord(**dict(fields, positions=np.full_like(good.positions, good.input_ids.shape[0] - 1))).to_row()
     with pytest.raises(ValueError, match="num_image_tokens"):
         DistillRecord(**dict(fields, image=None, num_image_tokens=5)).to_row()
-    row = good.to_row()
-    with pytest.raises(ValueError, match="topk_ids has"):
-        DistillRecord.from_row(dict(row, topk_ids=row["topk_ids"][:-1]), 3)
+    with pytest.raises(ValueError, match="without its encoding"):
+        DistillRecord(**dict(fields, encoding=None)).to_row()
+    with pytest.raises(ValueError, match="without .'tail_mass'"):
+        DistillRecord(**dict(fields, tail_mass=None)).to_row()
+    row, enc = good.to_row(), Encoding("topk", VOCAB, k=3)
+    with pytest.raises(ValueError, match="cannot hold exactly"):
+        DistillRecord.from_row(dict(row, ids=row["ids"][:-1]), enc)
+    with pytest.raises(ValueError, match="ids stored for"):
+        DistillRecord.from_row(dict(row, num_ids=row["num_ids"] - 3), enc)
+    with pytest.raises(ValueError, match="one value per position"):
+        DistillRecord.from_row(dict(row, tail_mass=row["tail_mass"][:-1]), enc)

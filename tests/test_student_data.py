@@ -151,6 +151,7 @@ def test_resume_from_a_json_state_continues_exactly(cache, part, parts, point):
     for a, b in zip(got, expected):  # the records themselves, not only their ids
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        np.testing.assert_array_equal(a.tail_mass, b.tail_mass)
     assert resumed.state() == stream.state()
 
 
@@ -200,9 +201,11 @@ def test_collate_pads_and_flattens_positions(cache, world, image_processor, toke
     assert batch.attention_mask.reshape(-1)[batch.flat_positions].all()  # never a padding position
 
     assert batch.kinds.tolist() == np.concatenate([r.position_kinds for r in records]).tolist()
-    assert torch.equal(batch.topk_ids, torch.from_numpy(np.concatenate([r.topk_ids for r in records])).long())
-    assert torch.equal(batch.topk_logprobs, torch.from_numpy(np.concatenate([r.topk_logprobs for r in records])))
-    for t in (batch.input_ids, batch.attention_mask, batch.flat_positions, batch.targets, batch.topk_ids):
+    assert torch.equal(batch.target_ids, torch.from_numpy(np.concatenate([r.topk_ids for r in records])).long())
+    assert torch.equal(batch.target_probs, torch.from_numpy(np.concatenate([r.target_probs for r in records])))
+    assert torch.equal(batch.tail_mass, torch.from_numpy(np.concatenate([r.tail_mass for r in records])))
+    torch.testing.assert_close(batch.target_probs.sum(-1), torch.ones(len(batch.targets)))  # renormalised top-k
+    for t in (batch.input_ids, batch.attention_mask, batch.flat_positions, batch.targets, batch.target_ids):
         assert t.dtype == torch.int64
 
     kinds = batch.kinds

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from test_store_helpers import HEADER, assert_same_record, random_record, write_shard
+from test_store_helpers import HEADER, VOCAB, assert_same_record, random_record, write_shard
 from transformers import AutoProcessor
 from typer.testing import CliRunner
 
 from modkd.extract.run import ExtractConfig, run
 from modkd.pipelines.cli_store import app as store_cli
 from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
-from modkd.store import Cache, CacheError, ImageRef, finalize_manifest, sha256_file, shard_paths, verify_cache
+from modkd.store import Cache, CacheError, Encoding, ImageRef, finalize_manifest, sha256_file, shard_paths, verify_cache
 from modkd.store.webdataset import read_unit, sample_key
 from modkd.student.config import TrainConfig
 from modkd.student.data import ImageLoader
@@ -146,7 +146,7 @@ print(json.dumps({"count": len(samples), "ids": [json.loads(s["json"])["sample_i
 """
 
 
-def plain_read(urls: list[Path], member: str = "topk_ids.npy.zst") -> dict:
+def plain_read(urls: list[Path], member: str = "input_ids.npy.zst") -> dict:
     """What the plain `webdataset` package reads from `urls`, and the first sample's `member` decoded with numpy."""
     out = subprocess.run([sys.executable, "-c", PLAIN_READER, json.dumps([str(u) for u in urls]), member],
                          capture_output=True, text=True, check=True, cwd=urls[0].parent)
@@ -160,8 +160,9 @@ def test_plain_webdataset_reads_the_shards(wds):
     assert plain["count"] == wds.num_records == len(records) == 30
     assert plain["ids"] == [r.sample_id for r in records]
     assert plain["first_key"] == sample_key(records[0].sample_id)
-    assert np.array_equal(np.array(plain["array"], dtype=np.int32), records[0].topk_ids)  # (P, k) as the record
-    assert {"json", "input_ids.npy.zst", "topk_ids.npy.zst", "topk_logprobs.npy.zst", "image.png"} <= set(plain["keys"])
+    assert np.array_equal(np.array(plain["array"], dtype=np.int32), records[0].input_ids)
+    assert {"json", "input_ids.npy.zst", "ids.bin", "values.bin", "top_logprobs.npy.zst", "tail_mass.npy.zst",
+            "image.png"} <= set(plain["keys"])
     pref = plain_read([shard_paths(wds.path, i, 3, "preference", "webdataset")[0] for i in range(3)],
                       "chosen_logprobs.npy.zst")
     pairs = list(wds.preference_records())
@@ -193,7 +194,8 @@ def test_verify_checks_embedded_images_and_extract_refuses_embedding_without_a_r
     for record in records:
         record.image, record.num_image_tokens = ImageRef(image.relative_to(world).as_posix(), sha256_file(image)), 4
     write_shard(tmp_path, 0, 1, records, [], row_group_size=4, fmt="webdataset", image_root=world)
-    finalize_manifest(tmp_path, 1, dict(HEADER, settings={"top_k": 3, "format": "webdataset", "embed_images": True}))
+    finalize_manifest(tmp_path, 1, dict(HEADER, settings={**Encoding("topk", VOCAB, k=3).settings(), "format": "webdataset",
+                                                       "embed_images": True}))
     assert verify_cache(tmp_path) == []
     path = shard_paths(tmp_path, 0, 1, fmt="webdataset")[0]
     data = path.read_bytes()
