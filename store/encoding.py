@@ -98,7 +98,7 @@ class Encoding:
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Non-negative integers < 2**bits, little-endian bit order, ceil(n * bits / 8) bytes."""
+    """Non-negative integers < 2**bits (bits <= 32), little-endian bit order, ceil(n * bits / 8) bytes."""
     values = np.asarray(values, dtype=np.int64).reshape(-1)  # (n,)
     if values.size and (values.min() < 0 or values.max() >> bits):
         raise ValueError(f"values must lie in [0, 2**{bits}), got [{values.min()}, {values.max()}]")
@@ -115,13 +115,10 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
         raise ValueError(f"{len(data)} bytes cannot hold exactly {n} values of {bits} bits")
     if bits == 0 or n == 0:
         return np.zeros(n, dtype=np.int64)
-    buf = np.concatenate([np.frombuffer(data, dtype=np.uint8), np.zeros(5, np.uint8)])  # (B + 5,) safe to over-read
-    start = np.arange(n, dtype=np.int64) * bits  # (n,) first bit of each value
-    byte = start >> 3  # (n,)
-    word = np.zeros(n, dtype=np.uint64)  # (n,) 5 bytes from `byte` on: bits + 7 <= 39 bits cover any value
-    for j in range(5):
-        word |= buf[byte + j].astype(np.uint64) << np.uint64(8 * j)
-    return ((word >> (start & 7).astype(np.uint64)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+    bit_matrix = np.zeros((n, 32), dtype=np.uint8)  # (n, 32): each value's bits widened to a little-endian uint32
+    bits_in = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little", count=n * bits)  # (n * bits,)
+    bit_matrix[:, :bits] = bits_in.reshape(n, bits)
+    return np.packbits(bit_matrix, axis=1, bitorder="little").view("<u4").reshape(n).astype(np.int64)
 
 
 def quantise_logprobs(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +179,8 @@ def encode_topk(enc: Encoding, ids: np.ndarray, logprobs: np.ndarray) -> tuple[i
     return ids.size, pack_bits(ids, enc.id_bits), pack_bits(codes, LOGPROB_BITS), top
 
 
-def decode_topk(enc: Encoding, num_ids: int, ids: bytes, codes: bytes, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decode_topk(enc: Encoding, num_ids: int, ids: bytes, codes: bytes,
+                top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of `encode_topk`: (P, K) int32 ids and (P, K) float32 log-probs."""
     P, K = top.shape[0], enc.k
     if num_ids != P * K:

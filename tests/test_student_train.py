@@ -103,6 +103,35 @@ def test_offline_equals_online_kd_when_cache_holds_full_distribution(full_cache,
         assert error < 1e-2, f"{name}: decoded cache gradient off by {error:.2%}"
 
 
+def test_a_sampled_cache_approaches_online_kd_as_draws_grow(tmp_path_factory, teacher_dir, mixed_data, student_dir,
+                                                            world):
+    """The sampled anchor, end to end: counts / N of a cache with many draws per position on the toy's 384-token
+    vocabulary gives online KD's value and gradient within sampling noise, which shrinks like 1 / sqrt(N)."""
+    model, processor = load_student(student_dir)
+    freeze_for(model, "d2d")
+    teacher = AutoModelForImageTextToText.from_pretrained(teacher_dir).eval()
+    errors = {}
+    for n in (2**8, 2**14):
+        out = tmp_path_factory.mktemp(f"sampled{n}") / "cache"
+        run(ExtractConfig(teacher=str(teacher_dir), data=mixed_data, out=out, image_root=world, encoding="sampled",
+                          samples=n, positions="all"))
+        batch = batch_of(first_records(out, 6), processor, world)
+        kd_mask = batch.kind_mask("all")
+        results = []
+        for online in (None, teacher):
+            model.zero_grad()
+            teacher_logprobs = None if online is None else _teacher_logprobs(online, batch, kd_mask)
+            kd, _, _ = StudentWithLoss(model)(batch, kd_mask, torch.zeros_like(kd_mask), teacher_logprobs)
+            kd.backward()
+            results.append((kd.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])))
+        (offline, g_off), (online_kd, g_on) = results
+        # the value differs by the entropy of counts / N against the teacher's (biased, gradient-free); the gradient
+        # q - counts / N is unbiased, its error ~ 1 / sqrt(N)
+        errors[n] = ((g_off - g_on).norm() / g_on.norm()).item()
+        torch.testing.assert_close(offline, online_kd, rtol=0.1 if n == 2**8 else 0.01, atol=0)
+    assert errors[2**14] < 0.03 and errors[2**14] < errors[2**8] / 4, errors  # 64x the draws: ~8x less error
+
+
 def test_grad_accumulation_4x2_equals_1x8(full_cache, student_dir, world, tmp_path):
     cfg = config(tmp_path, full_cache, student_dir, world, lm_weight=1.0, kd_positions="response+instruction")
     model, processor = load_student(student_dir)
