@@ -4,10 +4,10 @@ Imports nothing else of modkd: the cache is the only thing that crosses from ext
 """
 
 from .convert import convert_cache
-from .done import read_done_marker, write_done_marker
 from .encoding import ENCODINGS, Encoding
-from .errors import CacheError
-from .layout import FORMATS, PREFERENCE_SUBDIR, SHARDS_SUBDIR, shard_paths
+from .layout import (
+    FORMATS, PREFERENCE_SUBDIR, SHARDS_SUBDIR, CacheError, read_done_marker, shard_paths, write_done_marker,
+)
 from .manifest import finalize_manifest, shard_progress
 from .reader import Cache
 from .records import DistillRecord, ImageRef, PreferenceRecord

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .done import read_done_marker, write_done_marker
-from .errors import CacheError
-from .layout import FORMATS, SHARDS_SUBDIR, relative_name, shard_paths
+from .layout import (
+    FORMATS, SHARDS_SUBDIR, CacheError, read_done_marker, relative_name, shard_paths, write_done_marker,
+)
 from .manifest import STORE_KEYS, finalize_manifest
 from .reader import PARTS, Cache
 from .shard_file import shard_writer

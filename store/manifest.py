@@ -16,10 +16,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .done import read_done_marker
 from .encoding import Encoding
-from .errors import CacheError
-from .layout import FORMATS, MANIFEST_NAME, SHARDS_SUBDIR, done_markers_on_disk, manifest_path, shard_paths, shard_stem
+from .layout import (
+    FORMATS, MANIFEST_NAME, SHARDS_SUBDIR, CacheError, done_markers_on_disk, manifest_path, read_done_marker,
+    shard_paths, shard_stem,
+)
 from .schema import SCHEMA_VERSION
 from .writer import write_json_atomic
 

@@ -32,8 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .encoding import Encoding
-from .errors import CacheError
-from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
+from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, CacheError, manifest_path, relative_name, shard_paths
 from .manifest import has_part, load_manifest, shard_format
 from .records import DistillRecord, PreferenceRecord
 from .schema import DISTILL_SCHEMA, PREFERENCE_SCHEMA

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CacheError
+from .layout import CacheError
 from .schema import DISTILL_SCHEMA
 from .webdataset import WebDatasetWriter, embedded_image_ok, read_unit
 from .writer import ShardWriter, _rows_to_table

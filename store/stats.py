@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoding import Encoding
-from .errors import CacheError
+from .layout import CacheError
 from .records import DistillRecord
 from .schema import DISTILL_SCHEMA, POSITION_KINDS
 from .shard_file import batch_rows, shard_batches

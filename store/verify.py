@@ -21,8 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from .encoding import LOGPROB_STEP, Encoding, decode_sampled, decode_topk
-from .errors import CacheError
-from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, manifest_path, relative_name, shard_paths
+from .layout import PREFERENCE_SUBDIR, SHARDS_SUBDIR, CacheError, manifest_path, relative_name, shard_paths
 from .manifest import has_part, load_manifest, shard_format
 from .schema import DISTILL_SCHEMA, POSITION_KINDS, PREFERENCE_SCHEMA
 from .shard_file import list_column, shard_batches

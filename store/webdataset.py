@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import zstandard
 
-from .errors import CacheError
+from .layout import CacheError
 from .schema import DISTILL_SCHEMA
 from .writer import RowRecord, _fsync_dir, _fsync_file, _tmp_path, sha256_file
 
