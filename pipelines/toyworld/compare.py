@@ -21,9 +21,11 @@ Each arm is trained by the real trainer (`modkd.student.trainer.train`) and eval
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from modkd.pipelines.recipe import stage_config
+from modkd.store import Cache
 from modkd.student.trainer import train
 
 from .build import ToyConfig
@@ -48,6 +50,12 @@ def pd_arms(pd_steps: int, steps: int) -> dict[str, list[tuple]]:
 # the toy teacher's own batch and lr (ToyConfig explains why 5e-4), one micro-batch per step
 TOY_TRAINING = dict(batch_size=ToyConfig.batch_size, grad_accum=1, lr=ToyConfig.lr)
 TOY_PD_LR = ToyConfig.lr / 10  # Table 10: preference distillation's lr is a tenth of mimic distillation's
+
+
+def pd_epoch_steps(cache: Path) -> int:
+    """Optimizer steps of one epoch over the cache's preference pairs at the toy batch: LLaVA-MoD trains pd for
+    one epoch, and on the toy ~5 epochs (100 steps) collapse every caption to the most popular object."""
+    return max(1, math.ceil(Cache.open(cache).num_preference_records / TOY_TRAINING["batch_size"]))
 
 
 def run_arm(label: str, stages: list[tuple], student: Path, cache: Path, image_root: Path, out: Path, steps: int,
