@@ -15,13 +15,13 @@ from pathlib import Path
 
 import typer
 
-from modkd.pipelines.toyworld.build import BIG, ToyConfig, build_toy, student_init, toy_cache
+from modkd.pipelines.toyworld.build import BIG, STUDENT_LLMS, ToyConfig, build_toy, student_init, toy_cache
 from modkd.pipelines.toyworld.compare import kd_vs_sft as run_kd_vs_sft, mimic_vs_pd as run_mimic_vs_pd
-from modkd.pipelines.toyworld.demo import DEMO, DEMO_STEPS, demo as run_demo
+from modkd.pipelines.toyworld.demo import DEMO, DEMO_STEPS, TRANSFER_IMAGES, demo as run_demo
 from modkd.pipelines.toyworld.report import comparison_table, seeds_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-SMOKE = ToyConfig(n_train_images=48, n_eval_images=8, n_pref=8, steps=30)  # exercises every step, proves nothing about quality
+SMOKE = ToyConfig(n_train_images=48, n_eval_images=8, n_pref=8, steps=30, student_llm_steps=20)  # exercises every step, proves nothing about quality
 
 
 _START = time.monotonic()
@@ -38,9 +38,10 @@ def _prepared(cfg: ToyConfig, out: Path):
 
 
 @app.command()
-def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few training steps")):
+def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few training steps"),
+        train: bool = typer.Option(False, help="train the teacher here from its seed instead of copying the pre-built one")):
     """Build (or reuse) the toy world, tokenizer and trained toy teacher under $MODKD_HOME."""
-    t = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
+    t = build_toy(SMOKE if smoke else ToyConfig(), log=_log, train=train)
     _log(f"toy world: {t.world}\ntoy teacher: {t.teacher} (preset `toy-teacher` for the default config)")
 
 
@@ -48,11 +49,16 @@ def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few trainin
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="cache, runs (checkpoints, TensorBoard), plots, results"),
     smoke: bool = typer.Option(False, help="CI-sized world and a few training steps: checks the plumbing only"),
-    steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S per arm (init + sft + sft-moe, or init + d2d + d2s); pd adds S/20"),
+    steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S per arm (init + sft + sft-moe, or init + d2d + d2s)"),
+    student_llm: str = typer.Option("pretrained", help="pretrained: LM on the world's text, as the papers' students; "
+                                                       "random: the control"),
 ):
     """Toy world -> teacher -> one extraction -> SFT baseline and init -> d2d -> d2s -> pd -> evaluation -> plots."""
-    summary = run_demo(SMOKE if smoke else DEMO, out, 20 if smoke else steps, 16 if smoke else None, log=_log)
-    typer.echo("\n" + comparison_table(summary["results"]))
+    if student_llm not in STUDENT_LLMS:
+        raise typer.BadParameter(f"--student-llm must be one of {', '.join(STUDENT_LLMS)}")
+    summary = run_demo(SMOKE if smoke else DEMO, out, 20 if smoke else steps, 16 if smoke else None, llm=student_llm,
+                       transfer=None if smoke else TRANSFER_IMAGES, log=_log)
+    typer.echo("\n" + comparison_table(summary["results"]) + "\n\n" + "\n".join(summary["effect"]))
     typer.echo(f"\nresults:     {out / 'results.json'}, {out / 'report.md'}\n"
                f"cache:       {summary['cache']} (mod-store inspect / verify)\n"
                f"checkpoints: {summary['runs']}/*/checkpoints, final models in {summary['runs']}/*/final\n"
