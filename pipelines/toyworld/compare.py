@@ -59,14 +59,15 @@ def pd_epoch_steps(cache: Path) -> int:
 
 
 def run_arm(label: str, stages: list[tuple], student: Path, cache: Path, image_root: Path, out: Path, steps: int,
-            seed: int, done: dict[tuple, Path], log=print) -> list[Path]:
+            seed: int, done: dict[tuple, Path], log=print, number_from: int = 0) -> list[Path]:
     """Trains `stages` (stage, share of `steps`, overrides) in order from `student`; returns each stage's final
-    model. A chain prefix already in `done` (same start, same stages) is reused, not retrained."""
+    model. A chain prefix already in `done` (same start, same stages) is reused, not retrained. Run directories
+    are numbered from number_from + len(done) (arms trained side by side each pass their own)."""
     current, prefix, finals = student, (str(student),), []
     for stage, share, overrides in stages:
         prefix = (*prefix, (stage, share, tuple(sorted(overrides.items()))))
         if prefix not in done:
-            run_dir = out / "runs" / f"{len(done):02d}-{stage}"
+            run_dir = out / "runs" / f"{number_from + len(done):02d}-{stage}"
             cfg = stage_config(stage, cache=cache, student=str(current), out=run_dir, image_root=image_root,
                                max_steps=max(1, round(share * steps)), seed=seed, save_every=steps,
                                **{**TOY_TRAINING, **({"lr": TOY_PD_LR} if stage == "pd" else {}), **overrides})

@@ -26,6 +26,7 @@ from pathlib import Path
 from .build import ToyConfig, build_toy, student_init, toy_cache, transfer_set
 from .compare import pd_epoch_steps, run_arm
 from .evaluate import evaluate
+from .parallel import in_parallel, one_thread_between_jobs
 from .plots import training_curves
 from .report import TASKS, comparison_table, parameters
 
@@ -48,22 +49,28 @@ def demo(cfg: ToyConfig, out: Path, steps: int, limit: int | None = None, llm: s
     out.mkdir(parents=True, exist_ok=True)
     log(f"[1/6] toy world, toy teacher and the {llm} student LLM (config {json.dumps(cfg.__dict__)})")
     toy = build_toy(cfg, log=log)
-    student = student_init(toy, llm, log=log)
     data = transfer_set(toy.world, transfer)
     log(f"[2/6] one extraction of the teacher over the transfer set ({data.name}): top-20 over every position, "
-        "and preference reference log-probs")
-    cache = toy_cache(toy, out / "cache", data=data, log=log)
+        "and preference reference log-probs (beside the student LLM's pretraining, when it is not cached)")
+    student, cache = in_parallel([(student_init, (toy, llm), {"log": log}),
+                                  (toy_cache, (toy, out / "cache"), {"data": data, "log": log})])
     pd_steps = pd_steps or pd_epoch_steps(cache)
-    done: dict[tuple, Path] = {}
-    log(f"[3/6] the baseline, labels only: init -> sft -> sft-moe (E4T2, CE only), {steps} steps")
-    sft = run_arm("labels only", SFT_ONLY, student, cache, toy.world, out, steps, 0, done, log)
-    log(f"[4/6] the distilled student, teacher-free: init -> d2d -> d2s (E4T2), {steps} steps, -> pd (KTO, {pd_steps} steps)")
     chain = [*DISTILLED, ("pd", pd_steps / steps, {})]
-    distilled = run_arm("distilled", chain, student, cache, toy.world, out, steps, 0, done, log)
+    log(f"[3/6] the baseline, labels only: init -> sft -> sft-moe (E4T2, CE only), {steps} steps")
+    log(f"[4/6] the distilled student, teacher-free: init -> d2d -> d2s (E4T2), {steps} steps, -> pd (KTO, "
+        f"{pd_steps} steps); both arms side by side after the shared init")
+    done: dict[tuple, Path] = {}
+    with one_thread_between_jobs():
+        run_arm("init", [INIT], student, cache, toy.world, out, steps, 0, done, log)
+    sft, distilled = in_parallel([
+        (run_arm, ("labels only", SFT_ONLY, student, cache, toy.world, out, steps, 0, dict(done)), {"log": log}),
+        (run_arm, ("distilled", chain, student, cache, toy.world, out, steps, 0, dict(done)),
+         {"log": log, "number_from": len(SFT_ONLY) - 1})])
     models = {"toy teacher": toy.teacher, SFT_NAME: sft[-1], D2S_NAME: distilled[2], PD_NAME: distilled[3]}
     log("[5/6] evaluating on held-out images (greedy decoding)")
-    results = {name: {**evaluate(path, toy.world, limit), **parameters(path), "model": str(path)}
-               for name, path in models.items()}
+    scores = in_parallel([(evaluate, (path, toy.world, limit), {}) for path in models.values()])
+    results = {name: {**score, **parameters(path), "model": str(path)}
+               for (name, path), score in zip(models.items(), scores)}
     log("[6/6] plots of the training curves")
     runs = {"init": sft[0].parent, "labels only: sft": sft[1].parent, "labels only: sft-moe": sft[2].parent,
             **{f"distilled: {stage}": final.parent for (stage, _, _), final in zip(chain[1:], distilled[1:])}}
