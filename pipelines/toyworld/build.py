@@ -35,10 +35,11 @@ class ToyConfig:
     batch_size: int = 32
     lr: float = 5e-4  # at 2e-3 the model never learns to read the image (loss stalls at the text prior)
     teacher: str = "small"  # "big": the 6 x 192 teacher (BIG below); the small one keeps the demo within minutes
-    student_llm_steps: int = 600  # plain-LM steps of the student's pretrained LLM (pretrain.py): its loss is flat by 500; ~2 min on 2 cores
+    student_llm_steps: int = 600  # plain-LM steps of the student's LLM (pretrain.py): loss flat by 500; ~2 min on 2 cores
 
 
-TEACHER_FIELDS = ("seed", "n_train_images", "n_eval_images", "n_pref", "steps", "batch_size", "lr", "teacher")  # what the teacher depends on
+# the fields the teacher depends on: its cache directory and marker compare these only
+TEACHER_FIELDS = ("seed", "n_train_images", "n_eval_images", "n_pref", "steps", "batch_size", "lr", "teacher")
 
 
 BIG = ToyConfig(teacher="big", steps=3000)  # ~30 min on 2 cores; the SFT baseline of this config also takes 3000 steps
