@@ -2,10 +2,10 @@
 
 Runs independent toy jobs side by side (the demo's extraction beside the student LLM's pretraining, its
 two student arms, its evaluations): one spawned process per job, at most one per CPU core, each with an
-equal share of the cores as torch threads. The toy models are so small that one training loop cannot
-keep two cores busy (measured on a 2-core machine shared with other jobs: 0.19 s per pretraining step with
-one torch thread, 2.3 s with two), while two loops side by side take about the time of one. Sequential on
-a GPU, or with one core.
+equal share of the cores as torch threads. The toy models are so small that one training loop gains
+little from a second thread (measured on a 2-core machine shared with other jobs: 0.19 s per pretraining
+step with one torch thread, 2.3 s with two), while two loops side by side take about the time of one.
+Sequential on a GPU, or with one core.
 """
 
 from __future__ import annotations
