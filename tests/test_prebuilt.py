@@ -1,7 +1,7 @@
 """The committed toy teacher (pipelines/toyworld/prebuilt/teacher) is what `mod-pipeline toy --train` makes.
 
     pytest tests/test_prebuilt.py -q                      # the copy is taken for the default config only
-    MODKD_SLOW_TESTS=1 pytest tests/test_prebuilt.py -q   # + retrain it from its seed (~10 min on 2 cores) and compare
+    MODKD_SLOW_TESTS=1 pytest tests/test_prebuilt.py -q   # + retrain it from its seed and compare (19 min on 2 shared cores)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_the_prebuilt_teacher_is_the_default_configs_and_is_copied_not_trained(t
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MODKD_SLOW_TESTS"), reason="retrains the toy teacher (~10 min on 2 cores): "
+@pytest.mark.skipif(not os.environ.get("MODKD_SLOW_TESTS"), reason="retrains the toy teacher (19 min on 2 shared cores): "
                                                                    "set MODKD_SLOW_TESTS=1")
 def test_retraining_from_the_same_seed_reproduces_the_prebuilt_evaluation(tmp_path, monkeypatch):
     from modkd.pipelines.toyworld.evaluate import evaluate
