@@ -10,37 +10,45 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import typer
 
-from modkd.pipelines.toyworld.build import BIG, ToyConfig, build_toy, student_init, toy_cache
+from modkd.pipelines.toyworld.build import BIG, STUDENT_LLMS, ToyConfig, build_toy, student_init, toy_cache
 from modkd.pipelines.toyworld.compare import kd_vs_sft as run_kd_vs_sft, mimic_vs_pd as run_mimic_vs_pd
-from modkd.pipelines.toyworld.demo import DEMO, DEMO_STEPS, demo as run_demo
+from modkd.pipelines.toyworld.demo import DEMO, DEMO_STEPS, TRANSFER_IMAGES, demo as run_demo
 from modkd.pipelines.toyworld.report import comparison_table, seeds_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-SMOKE = ToyConfig(n_train_images=48, n_eval_images=8, n_pref=8, steps=30)  # exercises every step, proves nothing about quality
+SMOKE = ToyConfig(n_train_images=48, n_eval_images=8, n_pref=8, steps=30, student_llm_steps=20)  # exercises every step, proves nothing about quality
 
 
-_START = time.monotonic()
+# the command's start, inherited by the processes it spawns (toyworld/parallel.py), so their lines count from it too
+_START = float(os.environ.setdefault("MODKD_PIPELINE_START", str(time.time())))
 
 
 def _log(msg: str) -> None:
-    typer.echo(f"[{time.monotonic() - _START:6.0f}s] {msg}")
+    typer.echo(f"[{time.time() - _START:6.0f}s] {msg}")
 
 
-def _prepared(cfg: ToyConfig, out: Path):
+def _prepared(cfg: ToyConfig, out: Path, llm: str = "pretrained"):
     """(toy world + teacher, student init, the one cache under OUT/cache), each built once and reused."""
+    if llm not in STUDENT_LLMS:
+        raise typer.BadParameter(f"--student-llm must be one of {', '.join(STUDENT_LLMS)}")
     toy = build_toy(cfg, log=_log)
-    return toy, student_init(toy, log=_log), toy_cache(toy, out / "cache", log=_log)
+    return toy, student_init(toy, llm, log=_log), toy_cache(toy, out / "cache", log=_log)
+
+
+STUDENT_LLM_HELP = "pretrained: LM on the world's text, as the papers' students (default); random: the control"
 
 
 @app.command()
-def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few training steps")):
+def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few training steps"),
+        train: bool = typer.Option(False, help="train the teacher here from its seed instead of copying the pre-built one")):
     """Build (or reuse) the toy world, tokenizer and trained toy teacher under $MODKD_HOME."""
-    t = build_toy(SMOKE if smoke else ToyConfig(), log=_log)
+    t = build_toy(SMOKE if smoke else ToyConfig(), log=_log, train=train)
     _log(f"toy world: {t.world}\ntoy teacher: {t.teacher} (preset `toy-teacher` for the default config)")
 
 
@@ -48,11 +56,15 @@ def toy(smoke: bool = typer.Option(False, help="CI-sized world and a few trainin
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="cache, runs (checkpoints, TensorBoard), plots, results"),
     smoke: bool = typer.Option(False, help="CI-sized world and a few training steps: checks the plumbing only"),
-    steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S per arm (init + sft + sft-moe, or init + d2d + d2s); pd adds S/20"),
+    steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S per arm (init + sft + sft-moe, or init + d2d + d2s)"),
+    student_llm: str = typer.Option("pretrained", help=STUDENT_LLM_HELP),
 ):
     """Toy world -> teacher -> one extraction -> SFT baseline and init -> d2d -> d2s -> pd -> evaluation -> plots."""
-    summary = run_demo(SMOKE if smoke else DEMO, out, 20 if smoke else steps, 16 if smoke else None, log=_log)
-    typer.echo("\n" + comparison_table(summary["results"]))
+    if student_llm not in STUDENT_LLMS:
+        raise typer.BadParameter(f"--student-llm must be one of {', '.join(STUDENT_LLMS)}")
+    summary = run_demo(SMOKE if smoke else DEMO, out, 20 if smoke else steps, 16 if smoke else None, llm=student_llm,
+                       transfer=None if smoke else TRANSFER_IMAGES, log=_log)
+    typer.echo("\n" + comparison_table(summary["results"]) + "\n\n" + "\n".join(summary["effect"]))
     typer.echo(f"\nresults:     {out / 'results.json'}, {out / 'report.md'}\n"
                f"cache:       {summary['cache']} (mod-store inspect / verify)\n"
                f"checkpoints: {summary['runs']}/*/checkpoints, final models in {summary['runs']}/*/final\n"
@@ -94,14 +106,15 @@ def mimic_vs_pd(
 @app.command()
 def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), help="cache, seed*/runs, results.json, report.md, plots/"),
-    steps: int = typer.Option(1000, min=2, help="mimic steps S per arm (d2d S/2 + d2s S/2); pd adds S/10"),
+    steps: int = typer.Option(1000, min=2, help="mimic steps S per arm (d2d S/2 + d2s S/2); pd adds one epoch of the pairs"),
     seeds: int = typer.Option(3, min=1, help="seeds 0..N-1"),
     smoke: bool = typer.Option(False, help="CI-sized world, a few steps: checks the plumbing only"),
+    student_llm: str = typer.Option("pretrained", help=STUDENT_LLM_HELP),
 ):
     """LLaVA-MoD's ablations (Tables 4-8, 12-16) and offline vs online KD on the toy world, from one cache."""
     from modkd.pipelines.toyworld.reproduce import reproduce as run_reproduce
 
-    toy, student, cache = _prepared(SMOKE if smoke else ToyConfig(), out)
+    toy, student, cache = _prepared(SMOKE if smoke else ToyConfig(), out, student_llm)
     run_reproduce(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
     typer.echo("\n" + (out / "report.md").read_text() + f"\nresults: {out / 'results.json'}, {out / 'report.md'}")
 

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from modkd.pipelines.cli_pipeline import SMOKE, app
-from modkd.pipelines.toyworld.build import build_toy
+from modkd.pipelines.toyworld.build import build_toy, toy_root
+from modkd.pipelines.toyworld.demo import D2S_NAME, PD_NAME, SFT_NAME
 from modkd.store import Cache
 
 
@@ -30,9 +31,9 @@ def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch, home):
     for step in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
         assert step in result.output
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["toy teacher", "student, SFT only (init -> sft -> sft-moe)", "student, init -> d2d -> d2s",
-                             "student, init -> d2d -> d2s -> pd"]
-    distilled, sft = results["student, init -> d2d -> d2s -> pd"], results["student, SFT only (init -> sft -> sft-moe)"]
+    assert list(results) == ["toy teacher", SFT_NAME, D2S_NAME, PD_NAME]
+    distilled, sft = results[PD_NAME], results[SFT_NAME]
+    assert len(sft["qa_hits"]) == len(distilled["qa_hits"]) > 0 and "distinct" in sft["chair"]
     assert distilled["params_active"] < distilled["params_total"] == sft["params_total"]  # same E4T2 architecture
     cache = Cache.open(out / "cache")
     t = cache.manifest["totals"]
@@ -42,9 +43,12 @@ def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch, home):
     assert stages == ["init", "sft", "d2s", "d2d", "d2s", "pd"]  # the init stage is shared by both arms
     assert all(list((run / "tensorboard").rglob("events.*")) for run in (out / "runs").iterdir())
     assert (out / "plots" / "training.png").stat().st_size > 0
-    for line in ("| toy teacher |", "| student, SFT only (init -> sft -> sft-moe) |", "| student, init -> d2d -> d2s -> pd |",
-                 "TensorBoard:"):
+    for line in ("| toy teacher |", f"| {SFT_NAME} |", f"| {PD_NAME} |", "EM overall ± SE", "object recall",
+                 "distinct captions", "TensorBoard:", "Distillation vs labels only", "Preference distillation"):
         assert line in result.output
+    assert result.output.count("-> shows the effect") + result.output.count("-> does NOT show the effect") == 2
+    init = json.loads((toy_root(SMOKE) / "student-init-pretrained" / "student_init.json").read_text())
+    assert init == {"llm": "pretrained", "student_llm_steps": SMOKE.student_llm_steps}  # the pretrained LLM is the default
     messages = []
     build_toy(SMOKE, log=messages.append)
     assert any("teacher: reusing" in m for m in messages)  # trained once, then cached

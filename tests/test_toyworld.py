@@ -308,3 +308,31 @@ def test_chair_scores():
         "b": "a green triangle at the top, a green triangle.",
     }
     assert chair_scores(records, predictions) == pytest.approx({"chair_s": 0.5, "chair_i": 1 / 3, "recall": 2 / 3})
+
+
+def test_pretraining_text_has_no_image_and_no_training_scene(world, tmp_path):
+    from modkd.pipelines.toyworld.pretrain import text_corpus
+    from modkd.pipelines.toyworld.world import read_jsonl
+
+    a, b = text_corpus(tmp_path / "a.jsonl", n_scenes=200), text_corpus(tmp_path / "b.jsonl", n_scenes=200)
+    assert a.read_bytes() == b.read_bytes()  # same seed, same bytes
+    docs = read_jsonl(a)
+    assert len(docs) == 200 + 50 and not any("image" in d or "<image>" in json.dumps(d) for d in docs)
+    train_captions = {r["conversations"][1]["value"] for r in read_jsonl(world / "captions.jsonl")}
+    described = [d["conversations"][0]["value"].split("\n")[0] for d in docs if d["task"] == "scene-text"]
+    assert all(text.endswith(".") and " at the " in text for text in described)
+    caption_answers = [t["value"] for d in docs for t in d["conversations"] if t["from"] == "gpt" and " at the " in t["value"]]
+    assert caption_answers and len(set(caption_answers) & train_captions) < len(caption_answers)  # its own scenes
+
+
+def test_transfer_set_is_the_first_images_records(tmp_path):
+    from modkd.pipelines.toyworld.build import transfer_set
+    from modkd.pipelines.toyworld.world import read_jsonl
+
+    world = tmp_path / "world"  # its own: the subset file is written beside train.jsonl
+    build_world(world, seed=0, **SIZES)
+    assert transfer_set(world, None) == world / "train.jsonl"
+    subset = read_jsonl(transfer_set(world, 8))
+    everything = read_jsonl(world / "train.jsonl")
+    assert len(subset) == 8 * 6 + 2 and all(r in everything for r in subset)
+    assert {r["image"] for r in subset if "image" in r} == {f"images/{i:06d}.png" for i in range(8)}

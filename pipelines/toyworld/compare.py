@@ -21,9 +21,11 @@ Each arm is trained by the real trainer (`modkd.student.trainer.train`) and eval
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from modkd.pipelines.recipe import stage_config
+from modkd.store import Cache
 from modkd.student.trainer import train
 
 from .build import ToyConfig
@@ -50,15 +52,22 @@ TOY_TRAINING = dict(batch_size=ToyConfig.batch_size, grad_accum=1, lr=ToyConfig.
 TOY_PD_LR = ToyConfig.lr / 10  # Table 10: preference distillation's lr is a tenth of mimic distillation's
 
 
+def pd_epoch_steps(cache: Path) -> int:
+    """Optimizer steps of one epoch over the cache's preference pairs at the toy batch: LLaVA-MoD trains pd for
+    one epoch, and on the toy ~5 epochs (100 steps) collapse every caption to the most popular object."""
+    return max(1, math.ceil(Cache.open(cache).num_preference_records / TOY_TRAINING["batch_size"]))
+
+
 def run_arm(label: str, stages: list[tuple], student: Path, cache: Path, image_root: Path, out: Path, steps: int,
-            seed: int, done: dict[tuple, Path], log=print) -> list[Path]:
+            seed: int, done: dict[tuple, Path], log=print, number_from: int = 0) -> list[Path]:
     """Trains `stages` (stage, share of `steps`, overrides) in order from `student`; returns each stage's final
-    model. A chain prefix already in `done` (same start, same stages) is reused, not retrained."""
+    model. A chain prefix already in `done` (same start, same stages) is reused, not retrained. Run directories
+    are numbered from number_from + len(done) (arms trained side by side each pass their own)."""
     current, prefix, finals = student, (str(student),), []
     for stage, share, overrides in stages:
         prefix = (*prefix, (stage, share, tuple(sorted(overrides.items()))))
         if prefix not in done:
-            run_dir = out / "runs" / f"{len(done):02d}-{stage}"
+            run_dir = out / "runs" / f"{number_from + len(done):02d}-{stage}"
             cfg = stage_config(stage, cache=cache, student=str(current), out=run_dir, image_root=image_root,
                                max_steps=max(1, round(share * steps)), seed=seed, save_every=steps,
                                **{**TOY_TRAINING, **({"lr": TOY_PD_LR} if stage == "pd" else {}), **overrides})

@@ -4,7 +4,10 @@ Evaluate a LLaVA checkpoint on the toy world's held-out splits with greedy decod
 
 Per-task exact match (count, colour, position, exist, text), POPE F1 per negative split (random,
 popular, adversarial) and CHAIR-style caption hallucination (response level chair_s, mention level
-chair_i). The model is loaded with plain transformers, as any user would load it.
+chair_i), with object recall and the number of distinct captions beside it (a captioner that names one
+popular object everywhere lowers CHAIR without describing anything). Per-probe QA hits are kept
+(`qa_hits`, in probe order) so two models can be compared paired, probe by probe. The model is loaded
+with plain transformers, as any user would load it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .metrics import chair_scores, exact_match_by_task, pope_scores
+from .metrics import chair_scores, exact_match_by_task, exact_match_hits, pope_scores
 from .world import read_jsonl, world_paths
 
 MAX_NEW_TOKENS = {"qa": 8, "pope": 4, "caption": 48}  # longest reference answer of each split, with room to spare
@@ -58,10 +61,11 @@ def evaluate(model_dir: Path, world_dir: Path, limit: int | None = None) -> dict
         preds = generate(model, processor, records, Path(world_dir), MAX_NEW_TOKENS[split])
         if split == "qa":
             results["exact_match"] = exact_match_by_task(records, preds)
+            results["qa_hits"] = exact_match_hits(records, preds)
         elif split == "pope":
             results["pope"] = pope_scores(records, preds)
         else:
-            results["chair"] = chair_scores(records, preds)
+            results["chair"] = {**chair_scores(records, preds), "distinct": len(set(preds.values()))}
     return results
 
 

@@ -20,12 +20,16 @@ def normalise(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
+def exact_match_hits(records: list[dict], predictions: dict[str, str]) -> list[int]:
+    """1 where the normalised prediction equals record["answer"], else 0, in record order."""
+    return [int(normalise(predictions[record["id"]]) == normalise(record["answer"])) for record in records]
+
+
 def exact_match_by_task(records: list[dict], predictions: dict[str, str]) -> dict[str, float]:
     """Accuracy of normalised exact match against record["answer"], per record["task"] and "overall"."""
     hits: dict[str, list[bool]] = defaultdict(list)
-    for record in records:
-        hit = normalise(predictions[record["id"]]) == normalise(record["answer"])
-        hits[record["task"]].append(hit)
+    for record, hit in zip(records, exact_match_hits(records, predictions)):
+        hits[record["task"]].append(bool(hit))
         hits["overall"].append(hit)
     return {task: sum(values) / len(values) for task, values in sorted(hits.items())}
 

@@ -6,6 +6,7 @@ Markdown tables of toy-world evaluation results.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 TASKS = ("count", "colour", "position", "exist", "text", "overall")
@@ -32,18 +33,26 @@ def parameters(model_dir: Path) -> dict:
     return {"params_total": total, "params_active": active}
 
 
+def em_standard_error(r: dict) -> float:
+    """Binomial standard error of EM overall over the evaluation's QA probes."""
+    p, n = r["exact_match"]["overall"], len(r["qa_hits"])
+    return math.sqrt(p * (1 - p) / n)
+
+
 def comparison_table(results: dict[str, dict]) -> str:
     """One row per model. POPE accuracy sits beside F1 because F1 rewards saying "yes": a model that always
-    answers yes scores F1 0.667 at accuracy 0.5."""
-    head = ["model", *[f"EM {t}" for t in TASKS], *[f"POPE F1 {s}" for s in POPE_SPLITS], "POPE acc",
-            "CHAIR_s", "CHAIR_i", "params (active)"]
+    answers yes scores F1 0.667 at accuracy 0.5; object recall and distinct captions sit beside CHAIR because
+    a captioner that names one popular object in every caption lowers CHAIR without describing the images."""
+    head = ["model", *[f"EM {t}" for t in TASKS[:-1]], "EM overall ± SE", "POPE F1 (mean of 3)", "POPE acc",
+            "CHAIR_s", "CHAIR_i", "object recall", "distinct captions", "params (active)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        pope = [r["pope"][s] for s in POPE_SPLITS if s in r["pope"]]
-        cells = [name, *[f"{r['exact_match'].get(t, float('nan')):.3f}" for t in TASKS],
-                 *[f"{r['pope'][s]['f1']:.3f}" if s in r["pope"] else "n/a" for s in POPE_SPLITS],
-                 f"{sum(p['accuracy'] for p in pope) / len(pope):.3f}" if pope else "n/a",
-                 f"{r['chair']['chair_s']:.3f}", f"{r['chair']['chair_i']:.3f}",
+        se = f" ± {em_standard_error(r):.3f}" if "qa_hits" in r else ""
+        distinct = r["chair"].get("distinct")
+        cells = [name, *[f"{r['exact_match'].get(t, float('nan')):.3f}" for t in TASKS[:-1]],
+                 f"{r['exact_match']['overall']:.3f}{se}", f"{_pope_mean(r, 'f1'):.3f}", f"{_pope_mean(r, 'accuracy'):.3f}",
+                 f"{r['chair']['chair_s']:.3f}", f"{r['chair']['chair_i']:.3f}", f"{r['chair']['recall']:.3f}",
+                 "n/a" if distinct is None else str(distinct),
                  f"{r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M)"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

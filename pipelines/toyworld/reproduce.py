@@ -5,9 +5,11 @@ training set, plus its reference log-probs of the preference pairs), every arm t
 trainer from the same student init, over seeds 0..N-1 (seed: data order, router init, jitter).
 
 `--steps` is the mimic-distillation budget S of an arm: d2d S/2 then d2s S/2, or one stage for S; pd
-adds S/10. Arms sharing a prefix (the d2d stage of most arms) train it once per seed. For each paper
-comparison the report puts the paper's numbers (its Tables 4-8 and 12-16) beside ours and says whether
-the direction agrees; our difference is paired by seed (mean and std over seeds of treatment minus
+adds one epoch of the preference pairs (19 steps), as the paper trains it. The student starts from the
+pretrained toy LLM (`--student-llm random` for the random one). Arms sharing a prefix (the d2d stage of
+most arms) train it once per seed; results.json is rewritten after every arm. For each paper comparison
+the report puts the paper's numbers (its Tables 4-8 and 12-16) beside ours and says whether the direction
+agrees; our difference is paired by seed (mean and std over seeds of treatment minus
 reference), and called within noise when its mean is under two standard errors. The toy measures
 different things than the paper's benchmarks: EM overall stands in for the paper's benchmark average,
 CHAIR_s / CHAIR_i for Object HalBench's response / mention-level rates, POPE F1 for POPE F1.
@@ -19,19 +21,22 @@ import json
 import math
 from pathlib import Path
 
-from .compare import run_arm
+from .compare import pd_epoch_steps, run_arm
 from .evaluate import evaluate
 from .plots import training_curves
 from .report import SEED_COLUMNS, parameters, seeds_table
 
 MIMIC = [("d2d", 0.5, {}), ("d2s", 0.5, {})]  # LLaVA-MoD's recipe: E4T2, top-k routing, response tokens
 RESPONSE_AND_INSTRUCTION = {"kd_positions": "response+instruction"}
-PD_SHARE = 0.1  # pd steps as a share of S: 100 of 1,000 = ~5 epochs of the 600 pairs (collapses captions: README)
 
 
-def arms(teacher: Path) -> dict[str, list[tuple]]:
+def arms(teacher: Path, pd_share: float = 0.019) -> dict[str, list[tuple]]:
+    """pd_share: pd steps as a share of S; reproduce passes one epoch of the pairs (19 of S = 1,000 steps), as
+    the paper trains pd (the earlier 0.1, ~5 epochs, collapsed every caption to one object: README)."""
     return {
-        "d2d -> d2s": MIMIC,
+        "d2d -> d2s": MIMIC,  # first, then its pd arms: a run cut short still has Tables 4-5 and 15-16
+        "d2d -> d2s -> pd (kto)": [*MIMIC, ("pd", pd_share, {"pref_loss": "kto"})],
+        "d2d -> d2s -> pd (dpo)": [*MIMIC, ("pd", pd_share, {"pref_loss": "dpo"})],
         "sft -> sft-moe": [("sft", 0.5, {}), ("d2s", 0.5, {"kd_weight": 0.0})],
         "d2s only": [("d2s", 1.0, {})],
         "d2d -> d2s (response+instruction)": [("d2d", 0.5, RESPONSE_AND_INSTRUCTION),
@@ -41,8 +46,6 @@ def arms(teacher: Path) -> dict[str, list[tuple]]:
         "d2d -> d2s E8T2": [MIMIC[0], ("d2s", 0.5, {"experts": 8})],
         "d2d -> d2s jitter": [MIMIC[0], ("d2s", 0.5, {"routing": "jitter"})],
         "d2d -> d2s rsample": [MIMIC[0], ("d2s", 0.5, {"routing": "rsample"})],
-        "d2d -> d2s -> pd (kto)": [*MIMIC, ("pd", PD_SHARE, {"pref_loss": "kto"})],
-        "d2d -> d2s -> pd (dpo)": [*MIMIC, ("pd", PD_SHARE, {"pref_loss": "dpo"})],
         "d2d, offline top-20 (S/2)": [MIMIC[0]],
         "d2d, online full vocabulary (S/2)": [("d2d", 0.5, {"online_teacher": str(teacher)})],
     }
@@ -86,7 +89,7 @@ def reproduce(teacher: Path, student: Path, cache: Path, world: Path, out: Path,
               limit: int | None = None, log=print) -> dict:
     """Trains and evaluates every arm for seeds 0..seeds-1; writes results.json, report.md and plots/."""
     out.mkdir(parents=True, exist_ok=True)
-    chains = arms(teacher)
+    chains = arms(teacher, pd_epoch_steps(cache) / steps)
     results: dict[str, list[dict]] = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher)}]}
     stage_runs: dict[str, dict[str, Path]] = {stage: {} for stage in STAGE_PLOTS}
     for seed in range(seeds):
@@ -99,7 +102,7 @@ def reproduce(teacher: Path, student: Path, cache: Path, world: Path, out: Path,
             for (stage, _, _), final in zip(stages, finals):
                 if seed == 0 and final.parent not in stage_runs[stage].values():  # a shared stage: one curve
                     stage_runs[stage][f"{name}: {stage}"] = final.parent
-        (out / "results.json").write_text(json.dumps(results, indent=1))  # after every seed: partial runs are kept
+            (out / "results.json").write_text(json.dumps(results, indent=1))  # after every arm: partial runs are kept
     plots = [training_curves(runs, out / "plots" / f"{stage}.png", f"{stage} stage, seed 0")
              for stage, runs in stage_runs.items() if runs]
     (out / "report.md").write_text(report(results, steps, [p for p in plots if p is not None], out))

@@ -37,7 +37,8 @@ def encode_all(processor, data: Path, image_root: Path, max_length: int = 256) -
     return out
 
 
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[Encoded], pad_id: int, all_tokens: bool = False) -> dict[str, torch.Tensor]:
+    """Padded batch; labels on response tokens (SFT), or on every token when `all_tokens` (plain LM)."""
     T = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)  # (B, T)
@@ -46,7 +47,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(e.input_ids)
         ids[b, :n] = torch.tensor(e.input_ids)
         mask[b, :n] = 1
-        response = torch.from_numpy(e.token_kinds == RESPONSE)  # (n,) bool
+        response = torch.from_numpy((e.token_kinds == RESPONSE) | all_tokens)  # (n,) bool
         labels[b, :n] = torch.where(response, ids[b, :n], IGNORE)
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     pixels = [e.model_inputs["pixel_values"] for e in batch if "pixel_values" in e.model_inputs]
@@ -56,8 +57,9 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def train_sft(model_dir: Path, data: Path, image_root: Path, out: Path, steps: int, batch_size: int = 32,
-              lr: float = 5e-4, seed: int = 0, warmup: float = 0.03) -> list[float]:
-    """Trains every parameter on response tokens; saves model + processor to `out`; returns the loss curve."""
+              lr: float = 5e-4, seed: int = 0, warmup: float = 0.03, all_tokens: bool = False) -> list[float]:
+    """Trains every parameter on response tokens (on every token when `all_tokens`: plain LM); saves model +
+    processor to `out`; returns the loss curve."""
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way: the toy is small
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -75,7 +77,7 @@ def train_sft(model_dir: Path, data: Path, image_root: Path, out: Path, steps: i
         if len(order) < batch_size:  # reshuffle each epoch
             order += rng.sample(range(len(records)), len(records))
         batch, order = [records[i] for i in order[:batch_size]], order[batch_size:]
-        inputs = {k: v.to(device) for k, v in collate(batch, processor.tokenizer.pad_token_id).items()}
+        inputs = {k: v.to(device) for k, v in collate(batch, processor.tokenizer.pad_token_id, all_tokens).items()}
         loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
