@@ -228,3 +228,33 @@ def test_dpt_then_dft_train_from_the_cache(rel_cache, student_dir, world, tmp_pa
         moved_dpt = not torch.equal(value, after_dpt[name])
         assert moved_dpt == ("multi_modal_projector" in name), name
     assert any(not torch.equal(after_dpt[n], after_dft[n]) for n in after_dft if ".language_model." in n)
+
+
+def test_the_embedding_form_is_the_cosine_self_correlation_of_the_projected_image_rows(tmp_path, teacher_dir,
+                                                                                      student_dir, mixed_data, world):
+    """--relation embeddings (the authors' released-code form): the teacher's R_t and the student's R_s are the
+    cosine self-correlations of each model's projector outputs (LLaVA's image_hidden_states), independently read."""
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(line + "\n" for line in mixed_data.read_text().splitlines()[:10]))
+    run(ExtractConfig(teacher=str(teacher_dir), data=data, out=tmp_path / "c", image_root=world, top_k=4,
+                      positions="all", relation="embeddings"))
+    cache = Cache.open(tmp_path / "c")
+    assert cache.manifest["settings"]["relation"] == "embeddings"
+    records = [r for r in cache.records() if r.image is not None][:3]
+    teacher, processor = load_student(teacher_dir)
+    student, _ = load_student(student_dir)
+    b = collate(records, processor.tokenizer.pad_token_id, ImageLoader(world, processor.image_processor))
+
+    def cosines(model) -> list[torch.Tensor]:
+        with torch.no_grad():
+            feats = model.eval().model(**b.model_inputs()).image_hidden_states  # (n_images, N_p, D)
+        return [F.normalize(f.float(), dim=-1) @ F.normalize(f.float(), dim=-1).T for f in feats]
+
+    for rec, r in zip(records, cosines(teacher)):
+        np.testing.assert_allclose(rec.relation, (r / r.norm()).numpy(), rtol=3e-3, atol=2e-4)
+    expected = sum(relation_loss(r_s, torch.from_numpy(rec.relation)) for r_s, rec in zip(cosines(student), records))
+    none = torch.zeros_like(b.kind_is("image"))
+    with torch.no_grad():
+        rel = StudentWithLoss(student, relation="embeddings")(b, none, none, None, none)[4]
+    torch.testing.assert_close(rel, expected, rtol=1e-4, atol=1e-6)
+    assert rel.item() > 1e-3

@@ -110,7 +110,7 @@ def report(results: dict[str, list[dict]], steps: int) -> str:
     for table, what, (ref, ref_row, ref_paper), (treat, treat_row, treat_paper) in COMPARISONS:
         means = [sum(value(r) for r in results[arm]) / len(results[arm]) for arm in (ref, treat)]
         mean, std, n = paired(results, ref, treat)
-        noise = n < 2 or abs(mean) < 2 * std / math.sqrt(n)
+        noise = n > 1 and abs(mean) < 2 * std / math.sqrt(n)
         if ref_paper is not None and treat_paper is not None:
             paper, direction = f"{ref_row} {ref_paper} -> {treat_row} {treat_paper}", treat_paper - ref_paper
         elif what in PAPER_DIRECTION:
@@ -121,6 +121,8 @@ def report(results: dict[str, list[dict]], steps: int) -> str:
             paper, direction = "not measured", None
         if direction is None:
             verdict = "n/a" + (" (within noise)" if noise else "")
+        elif n < 2:
+            verdict = ("agrees" if direction * mean > 0 else "disagrees") + " (one seed: no noise estimate)"
         elif noise:
             verdict = "within noise"
         else:
