@@ -258,3 +258,13 @@ def test_the_embedding_form_is_the_cosine_self_correlation_of_the_projected_imag
         rel = StudentWithLoss(student, relation="embeddings")(b, none, none, None, none)[4]
     torch.testing.assert_close(rel, expected, rtol=1e-4, atol=1e-6)
     assert rel.item() > 1e-3
+
+
+def test_relation_matrices_survive_conversion_to_webdataset(rel_cache, tmp_path):
+    from modkd.store.convert import convert_cache
+
+    convert_cache(rel_cache, tmp_path / "wds", "webdataset")
+    a, b = list(Cache.open(rel_cache).records()), list(Cache.open(tmp_path / "wds").records())
+    assert len(a) == len(b) and sum(r.relation is not None for r in a) > 10
+    for x, y in zip(a, b):
+        assert (x.relation is None and y.relation is None) or np.array_equal(x.relation, y.relation)
