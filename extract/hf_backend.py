@@ -16,6 +16,7 @@ from .encode import Encoded
 from .teacher import Teacher
 from modkd.store.encoding import sample_uniforms
 
+from .relation import lm_head_gram, relations
 from .topk import default_chunk, sampled_ids, topk_logprobs
 
 
@@ -36,6 +37,9 @@ class HFBackend:
         # processor returns (the model refuses image_grid_thw without them); rebuilt per padded batch.
         self.processor = teacher.processor
         self.mm_token_types = "mm_token_type_ids" in getattr(teacher.processor, "model_input_names", ())
+        self.image_token_id = getattr(teacher.processor, "image_token_id", None)
+        self._last = None  # (batch, input_ids, hidden, inputs_embeds) of the last forward: relations() reuse it
+        self._gram = None  # lm_head_gram, computed on the first logits relation (the teacher's weights are fixed)
 
     def close(self) -> None:
         pass
@@ -86,10 +90,30 @@ class HFBackend:
         tgt = topk_logprobs(hidden, self.lm_head, targets, 1, self.chunk, self.vocab)[2]  # (N,) fp32
         return np.split(tgt.cpu().numpy(), bounds)
 
+    @torch.no_grad()
+    def relations(self, batch: list[Encoded], form: str) -> list[np.ndarray | None]:
+        """Per record of the batch last passed to run / run_sampled: LLaVA-KD's relation matrix (N_p, N_p) fp32
+        over its image tokens (extract/relation.py; `form` logits or embeddings), None for a text-only record."""
+        if self.image_token_id is None:
+            raise ValueError("--relation needs a multimodal (LLaVA-style) teacher: this one has no image token")
+        if self._last is None or self._last[0] is not batch:
+            raise RuntimeError("relations() reads the last forward: call run() on the same batch first")
+        _, ids, hidden, embeds = self._last
+        if form == "logits" and self._gram is None:
+            self._gram = lm_head_gram(self.lm_head, self.vocab)
+        return relations(form, ids, hidden, embeds, self.image_token_id, self._gram)
+
     def _hidden(self, batch: list[Encoded], positions: list[np.ndarray]):
         """Hidden states (N, H) at the positions of every record, the tokens they predict (N,), split points."""
         inputs = self.inputs(batch)
-        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H); no KV cache: one pass
+        seen = {}  # the LLM's inputs_embeds: the projected image embeddings sit at the image tokens
+        hook = self.model.model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")), with_kwargs=True)
+        try:
+            hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H); no KV cache: one pass
+        finally:
+            hook.remove()
+        self._last = (batch, inputs["input_ids"], hidden, seen.get("embeds"))
         B, T, H = hidden.shape
         flat = torch.cat([torch.as_tensor(p, dtype=torch.long) + b * T for b, p in enumerate(positions)]).to(self.device)  # (N,)
         targets = inputs["input_ids"].reshape(-1)[flat + 1]  # (N,) the token each position predicts

@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modkd.store.encoding import draws_to_counts, tail_mass
+from modkd.store.relation import RELATION_FORMS
 from modkd.store import (
     PREFERENCE_SCHEMA,
     PREFERENCE_SUBDIR,
@@ -87,6 +88,7 @@ class ExtractConfig:
     encode_workers: int | None = None  # processes encoding ahead of the teacher (0: serial); None: default_encode_workers
     format: str = "parquet"  # shard format: parquet | webdataset (store/webdataset.py); Parquet is smaller
     embed_images: bool = False  # webdataset: carry each image's bytes, so training needs no image root
+    relation: str = "none"  # LLaVA-KD RDist targets: none | logits (Eq. 4) | embeddings (store/relation.py); hf only
 
 
 def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend | VLLMBackend | None = None,
@@ -108,6 +110,11 @@ def run(cfg: ExtractConfig, teacher: Teacher | None = None, backend: HFBackend |
     if cfg.encoding == "sampled" and backend_name == "vllm":
         raise ValueError("--encoding sampled needs the teacher's full distribution at every position, and vLLM returns "
                          "only its top-K log-probs (K <= max_logprobs); use --backend hf, or --encoding topk with vLLM")
+    if cfg.relation not in RELATION_FORMS:
+        raise ValueError(f"--relation must be one of {', '.join(RELATION_FORMS)}, got {cfg.relation!r}")
+    if cfg.relation != "none" and backend_name == "vllm":
+        raise ValueError(f"--relation {cfg.relation} needs the teacher's hidden states at the image tokens, which vLLM "
+                         "does not return; use --backend hf (or extract without --relation)")
     preference, subdir, index = prepare(cfg.data, cfg.out, cfg.shards)  # the data is scanned once per extraction
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
@@ -284,7 +291,8 @@ def _distil(encoded: list[Encoded], backend: HFBackend | VLLMBackend, cfg) -> li
         records, positions = [encoded[j] for j in batch], [selected[j][0] for j in batch]
         results = (backend.run(records, positions) if enc.name == "topk" else
                    backend.run_sampled(records, positions, enc.samples, enc.seed))
-        for j, result in zip(batch, results):
+        rels = backend.relations(records, cfg.relation) if cfg.relation != "none" else [None] * len(batch)
+        for j, result, relation in zip(batch, results, rels):
             if isinstance(result, Rejected):
                 out[j] = result
                 continue
@@ -299,7 +307,7 @@ def _distil(encoded: list[Encoded], backend: HFBackend | VLLMBackend, cfg) -> li
             out[j] = DistillRecord(
                 sample_id=e.sample_id, input_ids=np.asarray(e.input_ids, dtype=np.int32),
                 positions=selected[j][0], position_kinds=selected[j][1], target_logprobs=tgt, image=e.image,
-                num_image_tokens=e.num_image_tokens, encoding=enc, **dist)
+                num_image_tokens=e.num_image_tokens, encoding=enc, relation=relation, **dist)
     return out
 
 
@@ -313,7 +321,7 @@ def encoding_of(cfg: ExtractConfig, vocab: int) -> Encoding:
 def _header(cfg: ExtractConfig, teacher: Teacher, preference: bool, engine: dict, data_sha256: str) -> dict:
     fp = teacher.fingerprint
     settings = {**encoding_of(cfg, fp["tokenizer_vocab_size"]).settings(), "positions": cfg.positions,
-                "max_length": cfg.max_length, "shards": cfg.shards, **engine}
+                "relation": cfg.relation, "max_length": cfg.max_length, "shards": cfg.shards, **engine}
     if preference:  # top-k and positions do not apply: every response token's log-prob is stored
         settings = {"kind": "preference", "max_length": cfg.max_length, "shards": cfg.shards, **engine,
                     "mismatched_pairing": "nearest earlier record in the shard (cyclic) with a different chosen"}

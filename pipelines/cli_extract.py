@@ -40,6 +40,9 @@ def extract(
     sample_seed: int = typer.Option(0, help="sampled: draws are fixed by (seed, sample id, position)"),
     positions: str = typer.Option("response", help=f"which positions to store: {' | '.join(POSITION_MODES)} "
                                                    "(preference pairs: every response token)"),
+    relation: str = typer.Option("none", help="LLaVA-KD RDist targets per record: none | logits (R = Y_v Y_v^T over "
+                                              "the image tokens' logits, Eq. 4) | embeddings (cosine self-correlation "
+                                              "of the projected image embeddings); --backend hf"),
     batch_size: int = typer.Option(8, min=1),
     max_length: int = typer.Option(4096, min=2, help="records longer than this (after image expansion) are rejected"),
     num_workers: int = typer.Option(int(os.environ.get("WORLD_SIZE", 1)), min=1, help="default: $WORLD_SIZE"),
@@ -76,7 +79,7 @@ def extract(
     if positions not in POSITION_MODES:
         raise typer.BadParameter(f"--positions must be one of {', '.join(POSITION_MODES)}")
     cfg = ExtractConfig(teacher=teacher, data=data, out=out, image_root=image_root, shards=shards, top_k=top_k,
-                        encoding=encoding, samples=samples, sample_seed=sample_seed, positions=positions, batch_size=batch_size, max_length=max_length, num_workers=num_workers,
+                        encoding=encoding, samples=samples, sample_seed=sample_seed, positions=positions, relation=relation, batch_size=batch_size, max_length=max_length, num_workers=num_workers,
                         worker_index=worker_index, row_group_size=row_group_size, dtype=dtype, device=device,
                         trust_remote_code=trust_remote_code, backend=backend, format=shard_format,
                         embed_images=embed_images, encode_workers=encode_workers,

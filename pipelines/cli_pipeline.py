@@ -6,6 +6,7 @@
     mod-pipeline reproduce --out runs/reproduce  # LLaVA-MoD's ablations, 3 seeds, the paper's numbers beside ours
     mod-pipeline kd-vs-sft --out runs/kd-vs-sft  # KD against SFT at equal steps from one cache (LLaVA-MoD Table 5)
     mod-pipeline mimic-vs-pd --out runs/mimic-vs-pd  # d2s against d2s + pd (kto, dpo), 3 seeds (Tables 4, 15-16)
+    mod-pipeline llava-kd --out runs/llava-kd  # LLaVA-KD: PT/DPT -> SFT -> DFT and its ablations (Tables 2-3), 3 seeds
 """
 
 from __future__ import annotations
@@ -116,6 +117,22 @@ def reproduce(
 
     toy, student, cache = _prepared(SMOKE if smoke else ToyConfig(), out, student_llm)
     run_reproduce(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
+    typer.echo("\n" + (out / "report.md").read_text() + f"\nresults: {out / 'results.json'}, {out / 'report.md'}")
+
+
+@app.command(name="llava-kd")
+def llava_kd(
+    out: Path = typer.Option(Path("runs/llava-kd"), help="cache, seed*/runs, results.json, report.md"),
+    steps: int = typer.Option(400, min=4, help="S: PT/DPT S/4, SFT S/2, DFT S/4 steps per arm"),
+    seeds: int = typer.Option(3, min=1, help="seeds 0..N-1"),
+    smoke: bool = typer.Option(False, help="CI-sized world, a few steps: checks the plumbing only"),
+):
+    """LLaVA-KD's three-stage scheme (DPT -> SFT -> DFT) against PT -> SFT and its MDist / RDist ablations,
+    teacher-free from the toy world's one cache (image positions and relation matrices included)."""
+    from modkd.pipelines.toyworld.llava_kd import llava_kd as run_llava_kd
+
+    toy, student, cache = _prepared(SMOKE if smoke else ToyConfig(), out)
+    run_llava_kd(toy.teacher, student, cache, toy.world, out, steps, seeds, 16 if smoke else None, log=_log)
     typer.echo("\n" + (out / "report.md").read_text() + f"\nresults: {out / 'results.json'}, {out / 'report.md'}")
 
 

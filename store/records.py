@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .encoding import Encoding, decode_sampled, decode_topk, encode_sampled, encode_topk
+from .relation import decode_relation, encode_relation
 from .schema import POSITION_KINDS, PREFERENCE_SCHEMA
 
 
@@ -45,6 +46,7 @@ class DistillRecord:
     tail_mass: np.ndarray | None = None  # (P,) float32, 1 - sum(top-k)
     sampled_ids: np.ndarray | None = None  # (P, n) int32, each row's distinct drawn ids ascending, zero-padded
     sampled_counts: np.ndarray | None = None  # (P, n) int32, draws of each id (0 on padding); rows sum to N
+    relation: np.ndarray | None = None  # (N_p, N_p) float32: LLaVA-KD's R_t over the image tokens (store/relation.py)
     cursor: int = 0  # set by Cache.records: records this rank consumed, this one included
 
     def __post_init__(self) -> None:
@@ -74,6 +76,9 @@ class DistillRecord:
             x, y = getattr(self, a), getattr(self, b)
             if x is not None and y is not None and x.shape != y.shape:
                 raise ValueError(f"record {self.sample_id!r}: {a} {x.shape} and {b} {y.shape} must have the same shape")
+        r = self.relation
+        if r is not None and (not isinstance(r, np.ndarray) or r.ndim != 2 or r.shape[0] != r.shape[1]):
+            raise ValueError(f"record {self.sample_id!r}: relation must be a square (N_p, N_p) array")
 
     @property
     def target_ids(self) -> np.ndarray:
@@ -139,6 +144,7 @@ class DistillRecord:
             "image_path": None if self.image is None else self.image.path,
             "image_sha256": None if self.image is None else self.image.sha256,
             "num_image_tokens": int(self.num_image_tokens),
+            "relation": b"" if self.relation is None else encode_relation(self.relation),  # fp16 upper triangle
         }
 
     @classmethod
@@ -165,6 +171,10 @@ class DistillRecord:
                     dist = {"sampled_ids": ids, "sampled_counts": counts}
             except ValueError as err:
                 raise ValueError(f"record {sample_id!r}: {err}") from None
+        try:
+            relation = decode_relation(row["relation"]) if row.get("relation") else None  # (N_p, N_p) float32
+        except ValueError as err:
+            raise ValueError(f"record {sample_id!r}: {err}") from None
         image = None
         if row.get("image_path") is not None:
             image = ImageRef(path=row["image_path"], sha256=row["image_sha256"])
@@ -177,6 +187,7 @@ class DistillRecord:
             image=image,
             num_image_tokens=None if "num_image_tokens" not in row else int(row["num_image_tokens"]),
             encoding=encoding,
+            relation=relation,
             **dist,
         )
 

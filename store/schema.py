@@ -6,7 +6,7 @@ One row per distillation record. Position t stores the teacher's distribution ov
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: distributions bit-packed and quantised (store/encoding.py); 1 stored float32 top-k
+SCHEMA_VERSION = 3  # 3: relation column (LLaVA-KD RDist); 2: distributions bit-packed and quantised; 1: float32 top-k
 
 # Kind of a stored position t: image if input_ids[t] is an image token, else response if
 # input_ids[t + 1] is an assistant-response token, else instruction.
@@ -40,6 +40,9 @@ DISTILL_SCHEMA = pa.schema(
         pa.field("image_path", pa.string(), nullable=True),  # posix path relative to the image root
         pa.field("image_sha256", pa.string(), nullable=True),  # hex digest of the image file
         pa.field("num_image_tokens", pa.int32(), nullable=False),  # 0 for text-only records
+        # LLaVA-KD RDist (store/relation.py): the teacher's (N_p, N_p) relation matrix over the record's image-token
+        # positions, fp16 upper triangle at unit Frobenius norm; empty when absent (manifest settings.relation)
+        pa.field("relation", pa.binary(), nullable=False),
     ]
 )
 

@@ -64,3 +64,21 @@ def vision_tokens_per_image(model, processor) -> int:
         return features[0].shape[0]  # one (tokens, D) per image
     out = tower(pixels.to(tower.dtype).to(tower.device)).last_hidden_state  # (1, tokens, D)
     return out.shape[1] - (model.config.vision_feature_select_strategy == "default")
+
+
+def check_llava_kd_inputs(cache: Cache, vis: bool, relation: str | None, stage: str) -> None:
+    """LLaVA-KD's terms need what only some extractions store: L_vis the image positions (`--positions all`),
+    L_rel the teacher's relation matrices (`--relation logits|embeddings`). Refused here, before the first step,
+    naming the flag, rather than training on nothing."""
+    settings = cache.manifest["settings"]
+    if vis and "image" not in POSITION_MODES[settings["positions"]]:
+        raise ValueError(f"stage {stage} distils the image positions (vis_weight > 0: LLaVA-KD's L_vis) but the cache "
+                         f"{cache.path} was extracted with --positions {settings['positions']}, which stores none; "
+                         f"re-extract with `mod-extract ... --positions all`, or set vis_weight=0")
+    have = settings.get("relation", "none")
+    if relation is not None and have != relation:
+        held = "holds no relation matrices" if have == "none" else f"holds the {have!r} form"
+        raise ValueError(f"stage {stage} needs the teacher's relation matrices (rel_weight > 0: LLaVA-KD's RDist, "
+                         f"relation={relation}) but the cache {cache.path} {held} (manifest settings.relation = "
+                         f"{have}); re-extract with `mod-extract ... --relation {relation} --backend hf`, "
+                         + (f"or train with relation={have}, " if have != "none" else "") + "or set rel_weight=0")

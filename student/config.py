@@ -12,7 +12,8 @@ from pathlib import Path
 
 from modkd.store import POSITION_MODES
 
-STAGES = ("init", "sft", "d2d", "d2s", "pd")  # DESIGN section 5; each has a recipe in pipelines/recipes/
+STAGES = ("init", "sft", "d2d", "d2s", "pd", "dpt", "dft")  # DESIGN section 5; each has a recipe in pipelines/recipes/
+RELATIONS = ("logits", "embeddings")  # RDist's matrix: llava-kd Eq. 4 (logits) or its released code's embedding form
 PREFERENCE_LOSSES = ("kto", "dpo", "kto_pair")  # pd: KTO (LLaVA-MoD's method), DPO, LLaVA-MoD code's kto_pair
 
 
@@ -39,6 +40,9 @@ class TrainConfig:
     kd_weight: float = 1.0  # 0 disables the KL term (init, sft)
     lm_weight: float = 0.0  # CE on response tokens (init, sft, d2s)
     kd_positions: str = "response"  # which cached positions are distilled: a key of store.POSITION_MODES
+    vis_weight: float = 0.0  # LLaVA-KD beta: KL at the image positions (MDist's L_vis); dpt/dft recipes: 1.0
+    rel_weight: float = 0.0  # LLaVA-KD gamma: RDist 1 - cos(R_s, R_t); dpt/dft recipes: 0.5 (llava-kd Sec. 4.1)
+    relation: str = "logits"  # RDist's matrix when rel_weight > 0: logits (Eq. 4) | embeddings; must match the cache
     tail: bool = False  # topk caches: add the tail bucket 1 - sum(top-k) to the KL (otherwise renormalised); sampled: refused
     experts: int = 4  # d2s upcycling: E4T2 is LLaVA-MoD's default
     top_k_experts: int = 2
@@ -76,12 +80,14 @@ class TrainConfig:
                      "top_k_experts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.relation not in RELATIONS:
+            raise ValueError(f"relation must be one of {', '.join(RELATIONS)}, got {self.relation!r}")
         if self.pref_loss not in PREFERENCE_LOSSES:
             raise ValueError(f"pref_loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.pref_loss!r}")
         if self.stage == "pd" and self.pack:
             raise ValueError("pack applies to distillation batches; stage pd pads its preference pairs (set pack=false)")
-        if self.stage != "pd" and self.kd_weight == 0 and self.lm_weight == 0:
-            raise ValueError("kd_weight and lm_weight are both 0: nothing to train")
+        if self.stage != "pd" and not (self.kd_weight or self.lm_weight or self.vis_weight or self.rel_weight):
+            raise ValueError("kd_weight, lm_weight, vis_weight and rel_weight are all 0: nothing to train")
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

@@ -112,6 +112,9 @@ class Batch:
     position_ids: torch.Tensor | None = None  # (1, T) int64 when packed: each record's positions from 0
     stream_state: dict | None = None  # the stream's state after this batch was drawn
     image_sizes: torch.Tensor | None = None  # (n_images, 2) int64 (H, W): anyres models (OneVision) unpad tiles by it
+    # LLaVA-KD RDist: the teacher's relation matrix of each record that has one, in batch order (store/relation.py)
+    relation_sizes: torch.Tensor | None = None  # (R,) int64: N_p of each such record (its image tokens, in order)
+    relation_targets: torch.Tensor | None = None  # (sum N_p^2,) fp32: their (N_p, N_p) matrices, flattened
 
     def model_inputs(self) -> dict:
         """The student's (and an online teacher's) keyword arguments: packed rows pass position ids and no mask."""
@@ -127,6 +130,10 @@ class Batch:
         """(N,) bool: positions whose kind belongs to POSITION_MODES[mode] (e.g. "response")."""
         wanted = torch.tensor([POSITION_KINDS[k] for k in POSITION_MODES[mode]], dtype=self.kinds.dtype)
         return torch.isin(self.kinds, wanted.to(self.kinds.device))
+
+    def kind_is(self, kind: str) -> torch.Tensor:
+        """(N,) bool: positions of one POSITION_KINDS kind (e.g. "image": LLaVA-KD's L_vis positions)."""
+        return self.kinds == POSITION_KINDS[kind]
 
 
 class ImageLoader:
@@ -182,6 +189,7 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader, pack
     flat, kinds, targets = [], [], []
     width = max(r.target_ids.shape[1] for r in records)  # sampled rows differ in distinct ids; top-k rows are k wide
     cached_ids, cached_probs, tails = [], [], []
+    rel_sizes, rel_targets = [], []
     for b, r in enumerate(records):
         n = lengths[b]
         start = sum(lengths[:b]) if pack else b * T  # flat index of the record's first token
@@ -195,6 +203,9 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader, pack
         cached_ids.append(np.pad(r.target_ids.astype(np.int64), pad))  # (P, n) padding: id 0 ...
         cached_probs.append(np.pad(r.target_probs, pad))  # (P, n) ... with probability 0
         tails.append(r.tail_mass if r.tail_mass is not None else np.zeros(len(pos), np.float32))
+        if r.relation is not None:
+            rel_sizes.append(r.relation.shape[0])
+            rel_targets.append(r.relation.reshape(-1))  # (N_p * N_p,) fp32
     image = images.inputs(records)
     return Batch(
         input_ids=ids, attention_mask=mask, pixel_values=image.get("pixel_values"), image_sizes=image.get("image_sizes"),
@@ -206,6 +217,8 @@ def collate(records: list[DistillRecord], pad_id: int, images: ImageLoader, pack
         tail_mass=torch.from_numpy(np.concatenate(tails)),
         sample_ids=[r.sample_id for r in records],
         position_ids=torch.cat([torch.arange(n) for n in lengths])[None] if pack else None,  # (1, T)
+        relation_sizes=torch.tensor(rel_sizes, dtype=torch.long),  # (R,)
+        relation_targets=torch.from_numpy(np.concatenate(rel_targets)) if rel_targets else torch.zeros(0),
     )
 
 

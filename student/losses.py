@@ -99,3 +99,34 @@ def kd_estimator(encoding: str, tail: bool) -> str:
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of `values` (N,) where `mask` (N,) is true; 0 (not NaN) when nothing is selected."""
     return torch.where(mask, values, torch.zeros_like(values)).sum()
+
+
+def logit_relation(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """LLaVA-KD's relation matrix R = Y_v Y_v^T (Eq. 4), Y_v = hidden W^T the raw logits at the image tokens.
+
+    hidden (n, H) at the n = N_p image-token positions; weight (V, H) the (bias-free) lm_head. Returns (n, n) fp32,
+    computed as hidden (W^T W) hidden^T so no (n, V) logits tensor exists: one (H, H) Gram per call, exact
+    algebra, and its gradient reaches both the hidden states and the lm_head.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32: bf16 would round the Gram's large sums
+        w = weight.float()  # (V, H)
+        h = hidden.float()  # (n, H)
+        return h @ (w.T @ w) @ h.T  # (n, n) fp32
+
+
+def embedding_relation(embeds: torch.Tensor) -> torch.Tensor:
+    """The authors' released-code form of RDist's matrix: cosine self-correlation of the projected image
+    embeddings embeds (n, D) (the LLM's input rows at the image tokens). Returns (n, n) fp32, entries in [-1, 1]."""
+    with torch.autocast(embeds.device.type, enabled=False):
+        e = F.normalize(embeds.float(), dim=-1)  # (n, D)
+        return e @ e.T  # (n, n)
+
+
+def relation_loss(r_s: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
+    """L_rel = 1 - cos(R_s, R_t) (llava-kd Eq. 5): the cosine of the two (n, n) matrices as vectors; 0-dim fp32.
+
+    0 for identical matrices and invariant to a positive scale of either (so of the logits: R scales by c^2).
+    A zero matrix has no direction: its cosine is taken as 0 (loss 1), never NaN.
+    """
+    s, t = r_s.float().reshape(-1), r_t.float().reshape(-1)  # (n * n,)
+    return 1.0 - (s @ t) / (s.norm() * t.norm()).clamp(min=1e-30)

@@ -153,7 +153,7 @@ def trainable_names(model: LlavaForConditionalGeneration, stage: str) -> list[st
     for name, _ in model.named_parameters():
         if "multi_modal_projector" in name or name == "model.image_newline":
             names.append(name)  # the projector (and OneVision's learned row separator, which sits in its output)
-        elif stage in ("sft", "d2d") and (".language_model." in name or name.startswith("lm_head")):
+        elif stage in ("sft", "d2d", "dft") and (".language_model." in name or name.startswith("lm_head")):
             names.append(name)
         elif stage == "d2s" and ".language_model." in name and ".mlp." in name and "shared_expert" not in name:
             names.append(name)  # the LLM's experts, routers, and dense FFNs of layers without experts (not CLIP's mlp)

@@ -8,7 +8,9 @@ counts over all processes, and divides each micro-batch's summed losses by those
 averages gradients, so every loss is multiplied by the number of processes. The gradient therefore
 equals the one of a single batch holding all tokens, whatever the split (test: 4 x 2 == 1 x 8).
 
-Loss = kd_weight * KL(teacher || student) / #distilled + lm_weight * CE / #response + aux_coef * aux.
+Loss = kd_weight * KL(teacher || student) / #distilled + lm_weight * CE / #response + aux_coef * aux
+     + vis_weight * KL at image positions / #image positions + rel_weight * (1 - cos(R_s, R_t)) / #matrices
+(the last two are LLaVA-KD's L_vis and L_rel, stages dpt and dft; kd_weight and lm_weight are its alpha and L_reg).
 Stage pd streams the cache's preference pairs instead and takes its step from student/pd.py.
 
 The engine (DDP; FSDP and DeepSpeed likewise) wraps `StudentWithLoss`, whose forward runs the student AND
@@ -34,11 +36,12 @@ from transformers import AutoModelForImageTextToText, LlavaOnevisionForCondition
 from modkd.store import Cache
 
 from . import checkpoint
-from .checks import check_student_matches_cache
+from .checks import check_llava_kd_inputs, check_student_matches_cache
 from .config import TrainConfig, for_processes
 from .data import Batch, BatchStream, Sequences
 from .engine import backward_scale, configure_engine
-from .losses import forward_kl, kd_estimator, masked_sum, student_logprobs, target_logprobs
+from .losses import (embedding_relation, forward_kl, kd_estimator, logit_relation, masked_sum, relation_loss,
+                     student_logprobs, target_logprobs)
 from .model import freeze_for, is_sparse, load_student, save_pretrained, upcycle
 from .pd import accumulate_preference
 from .preference import sequence_logprobs
@@ -52,14 +55,19 @@ class TrainingDiverged(RuntimeError):
 class StudentWithLoss(torch.nn.Module):
     """The student and its losses in one forward (the module the engine wraps; see the module docstring).
 
-    forward(Batch, kd_mask, lm_mask[, teacher_logprobs]) -> summed KL over kd_mask, summed CE over lm_mask,
-    and the MoE aux loss (0-dim tensors); forward(Sequences) -> each row's summed response log-prob (S,) fp32
-    (stage pd). The lm_head runs on the used positions only, in fp32 chunks (student/losses.py).
+    forward(Batch, kd_mask, lm_mask[, teacher_logprobs, vis_mask]) -> summed KL over kd_mask, summed CE over
+    lm_mask, the MoE aux loss, summed KL over vis_mask (LLaVA-KD's image positions) and summed RDist
+    1 - cos(R_s, R_t) over the batch's relation matrices (0-dim tensors; the last two 0 unless asked for);
+    forward(Sequences) -> each row's summed response log-prob (S,) fp32 (stage pd). The lm_head runs on the used
+    positions only, in fp32 chunks (student/losses.py); RDist's R_s on the image tokens via the lm_head's Gram.
     """
 
-    def __init__(self, llava, distil: bool = True, tail: bool = False, tap=None, vocab: int | None = None) -> None:
+    def __init__(self, llava, distil: bool = True, tail: bool = False, tap=None, vocab: int | None = None,
+                 relation: str | None = None) -> None:
         super().__init__()
         self.llava, self.tap = llava, tap
+        self.relation = relation  # None (no RDist), "logits" (llava-kd Eq. 4) or "embeddings" (its released code)
+        self.image_token_id = getattr(llava.config, "image_token_id", None)
         self.vocab = vocab  # the tokenizer's size: lm_head rows beyond it (Qwen's padding) are not tokens
         present = {type(m).__name__ for m in llava.modules()}  # FSDP's auto-wrap units: the layer classes in use
         self._no_split_modules = sorted(set(getattr(llava, "_no_split_modules", None) or ()) & present)
@@ -67,18 +75,27 @@ class StudentWithLoss(torch.nn.Module):
         self.tail = tail and distil
 
     def forward(self, b: Batch | Sequences, kd_mask: torch.Tensor | None = None, lm_mask: torch.Tensor | None = None,
-                teacher_logprobs: torch.Tensor | None = None):
+                teacher_logprobs: torch.Tensor | None = None, vis_mask: torch.Tensor | None = None):
         if self.tap is not None:
             self.tap.reset()  # router logits of this forward only
-        out = self.llava.model(**b.model_inputs())  # Batch or Sequences: ids, mask, images (and anyres image sizes)
-        hidden = out.last_hidden_state  # (B, T, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[b.flat_positions]  # (N, H) at the predicting positions
+        seen: dict = {}  # RDist's embedding form reads the LLM's inputs_embeds (projected image rows at image tokens)
+        hook = (self.llava.model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")), with_kwargs=True)
+            if self.relation == "embeddings" and isinstance(b, Batch) else None)
+        try:
+            out = self.llava.model(**b.model_inputs())  # Batch or Sequences: ids, mask, images (and anyres image sizes)
+        finally:
+            if hook is not None:
+                hook.remove()
+        every = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])  # (B * T, H)
+        hidden = every[b.flat_positions]  # (N, H) at the predicting positions
         weight = self.llava.get_output_embeddings().weight[: self.vocab]  # (V, H): used inside the wrapped forward
         unused = self._projector_on_nothing(hidden) if b.pixel_values is None else 0.0  # 0-dim 0 or 0.0
         if isinstance(b, Sequences):
             logq = target_logprobs(hidden, weight, b.targets)  # (N,) fp32
             return sequence_logprobs(logq, b.sequence_index, b.ref_logps.shape[0]) + unused  # (S,)
-        used = kd_mask | lm_mask  # (N,) positions any weighted loss reads
+        vis_mask = torch.zeros_like(kd_mask) if vis_mask is None else vis_mask  # (N,) bool
+        used = kd_mask | lm_mask | vis_mask  # (N,) positions any weighted loss reads
         hidden = hidden[used]  # (n, H)
         if teacher_logprobs is not None:  # online comparison: the teacher's full distribution at the used positions
             logp = teacher_logprobs  # (n, V) fp32
@@ -97,10 +114,31 @@ class StudentWithLoss(torch.nn.Module):
                              f"({weight.shape[0]} tokens)")
         tail = p_tail is not None
         logq_ids, logq_target, logq_tail = student_logprobs(hidden, weight, ids, b.targets[used], tail=tail)
-        kd = masked_sum(forward_kl(logq_ids, p, p_tail, logq_tail if tail else None), kd_mask[used])
+        kl = forward_kl(logq_ids, p, p_tail, logq_tail if tail else None)  # (n,) fp32
+        kd = masked_sum(kl, kd_mask[used])
+        vis = masked_sum(kl, vis_mask[used])  # LLaVA-KD's L_vis (Eq. 3): the image positions' KL
         lm = masked_sum(-logq_target, lm_mask[used])
         aux = self.tap.aux_loss(b.attention_mask) if self.tap is not None else torch.zeros((), device=hidden.device)
-        return kd, lm, aux.to(hidden.device) + unused
+        rel = self._relation(b, every, seen.get("embeds"), weight) if self.relation else torch.zeros_like(lm)
+        return kd, lm, aux.to(hidden.device) + unused, vis, rel
+
+    def _relation(self, b: Batch, every: torch.Tensor, embeds: torch.Tensor | None, weight: torch.Tensor):
+        """Summed L_rel = 1 - cos(R_s, R_t) (llava-kd Eq. 5) over the batch's records with a cached R_t; R_s from
+        the student's own image tokens in the same form (logits: Eq. 4; embeddings: the released code's)."""
+        flat = (b.input_ids.reshape(-1) == self.image_token_id).nonzero()[:, 0]  # (M,) image tokens, in record order
+        sizes = b.relation_sizes.tolist()  # one N_p per record with a matrix
+        if sum(sizes) != flat.numel():
+            raise ValueError(f"the batch holds {flat.numel()} image tokens but its records' relation matrices cover "
+                             f"{sum(sizes)}: every image record needs one (extract with --relation {self.relation})")
+        rows = every if self.relation == "logits" else embeds.reshape(-1, embeds.shape[-1])  # (B * T, H or D)
+        total, start, offset = every.new_zeros((), dtype=torch.float32), 0, 0
+        for n in sizes:
+            x = rows[flat[start : start + n]]  # (n, H) or (n, D)
+            r_s = logit_relation(x, weight) if self.relation == "logits" else embedding_relation(x)  # (n, n) fp32
+            r_t = b.relation_targets[offset : offset + n * n].view(n, n)  # (n, n) fp32
+            total = total + relation_loss(r_s, r_t)
+            start, offset = start + n, offset + n * n
+        return total
 
     def _projector_on_nothing(self, like: torch.Tensor) -> torch.Tensor:
         """0, computed by the projector from an empty input: a text-only batch still uses every projector weight
@@ -150,6 +188,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     preference = cfg.stage == "pd"
     model, processor, trained = build_student(cfg, log if accelerator.is_main_process else _quiet)
     check_student_matches_cache(cache, model, processor, cfg.student, None if preference else cfg.kd_positions)
+    if not preference:
+        check_llava_kd_inputs(cache, cfg.vis_weight > 0, cfg.relation if cfg.rel_weight else None, cfg.stage)
     estimator = None if preference else kd_estimator(cache.encoding.name, cfg.tail)  # from the manifest, printed below
     tap = RouterTap(model, cfg.routing) if is_sparse(model) else None
     ddp.find_unused_parameters = tap is not None  # unrouted experts get no gradient; a dense student uses every weight
@@ -159,7 +199,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     wrapped, optimizer, scheduler = accelerator.prepare(
-        StudentWithLoss(model, distil=bool(cfg.kd_weight), tail=cfg.tail, tap=tap, vocab=len(processor.tokenizer)),
+        StudentWithLoss(model, distil=bool(cfg.kd_weight or cfg.vis_weight), tail=cfg.tail, tap=tap,
+                        vocab=len(processor.tokenizer), relation=cfg.relation if cfg.rel_weight else None),
         optimizer, scheduler)
     params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 replaces the parameters with sharded ones
 
@@ -197,7 +238,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
             shown, mask = {"pd": losses["loss/pd"], "acc": losses["rewards/accuracy"]}, micro[-1].policy.attention_mask
         else:
             losses = _kd_step(cfg, accelerator, wrapped, micro, teacher)
-            shown, mask = {"kd": losses["loss/kd"], "lm": losses["loss/lm"]}, micro[-1].attention_mask
+            shown = {"kd": losses["loss/kd"], "lm": losses["loss/lm"],
+                     **({"vis": losses["loss/vis"]} if cfg.vis_weight else {}),
+                     **({"rel": losses["loss/rel"]} if cfg.rel_weight else {})}
+            mask = micro[-1].attention_mask
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # DeepSpeed: clipped (and stepped) already
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         if not all(math.isfinite(x) for x in (*losses.values(), grad_norm)):
@@ -253,8 +297,13 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 def _kd_step(cfg: TrainConfig, accelerator: Accelerator, wrapped, micro: list[Batch], teacher) -> dict:
     """The step's mean KL per distilled token, CE per response token, aux loss, and tokens (all processes)."""
     sums, n_kd, n_lm = accumulate_gradients(cfg, accelerator, wrapped, micro, teacher)
-    return {"loss/kd": sums[0].item() / n_kd, "loss/lm": sums[1].item() / n_lm,
-            "loss/aux": sums[2].item() / accelerator.num_processes, "tokens": sums[3].item()}
+    losses = {"loss/kd": sums[0].item() / n_kd, "loss/lm": sums[1].item() / n_lm,
+              "loss/aux": sums[2].item() / accelerator.num_processes, "tokens": sums[3].item()}
+    if cfg.vis_weight:
+        losses["loss/vis"] = sums[4].item()  # already per image position
+    if cfg.rel_weight:
+        losses["loss/rel"] = sums[5].item()  # already per relation matrix
+    return losses
 
 
 def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, micro: list[Batch],
@@ -262,23 +311,29 @@ def accumulate_gradients(cfg: TrainConfig, accelerator: Accelerator, wrapped, mi
     """Backward of one optimizer step's micro-batches, each loss divided by the step's global token counts.
     `wrapped` is the engine-wrapped StudentWithLoss.
 
-    Returns (summed [kd, lm, aux, tokens] over all processes, global #distilled, global #response tokens).
+    Returns (summed [kd, lm, aux, tokens, vis / #image positions, rel / #relation matrices] over all processes,
+    global #distilled, global #response tokens).
     """
     kd_masks = [b.kind_mask(cfg.kd_positions) & bool(cfg.kd_weight) for b in micro]  # a 0-weighted loss reads nothing
     lm_masks = [b.kind_mask("response") & bool(cfg.lm_weight) for b in micro]
-    local = torch.stack([sum(m.sum() for m in kd_masks), sum(m.sum() for m in lm_masks)]).double()  # (2,)
-    n_kd, n_lm = accelerator.reduce(local, "sum").clamp(min=1).tolist()  # clamp: all-masked gives 0, not NaN
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # kd, lm, aux, tokens
-    for b, kd_mask, lm_mask in zip(micro, kd_masks, lm_masks):
+    vis_masks = [b.kind_is("image") & bool(cfg.vis_weight) for b in micro]  # LLaVA-KD's L_vis positions
+    n_rels = [b.relation_sizes.numel() if cfg.rel_weight and b.relation_sizes is not None else 0 for b in micro]
+    local = torch.stack([sum(m.sum() for m in kd_masks), sum(m.sum() for m in lm_masks),
+                         sum(m.sum() for m in vis_masks), torch.tensor(sum(n_rels), device=kd_masks[0].device)]).double()
+    n_kd, n_lm, n_vis, n_rel = accelerator.reduce(local, "sum").clamp(min=1).tolist()  # clamp: all-masked -> 0, not NaN
+    sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # kd, lm, aux, tokens, vis mean, rel mean
+    for b, kd_mask, lm_mask, vis_mask in zip(micro, kd_masks, lm_masks, vis_masks):
         with accelerator.accumulate(wrapped):  # gradients synchronised (DeepSpeed: stepped) after the last only
             with accelerator.autocast():  # the online teacher under the same autocast as the student
                 teacher_logprobs = (None if teacher is None else  # over the student's (= the cache's) vocabulary
-                                    _teacher_logprobs(teacher, b, kd_mask | lm_mask, accelerator.unwrap_model(wrapped).vocab))
-                kd, lm, aux = wrapped(b, kd_mask, lm_mask, teacher_logprobs)
-            loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm) * backward_scale(accelerator)
+                                    _teacher_logprobs(teacher, b, kd_mask | lm_mask | vis_mask, accelerator.unwrap_model(wrapped).vocab))
+                kd, lm, aux, vis, rel = wrapped(b, kd_mask, lm_mask, teacher_logprobs, vis_mask)
+            loss = (cfg.kd_weight * kd / n_kd + cfg.lm_weight * lm / n_lm + cfg.vis_weight * vis / n_vis
+                    + cfg.rel_weight * rel / n_rel) * backward_scale(accelerator)
             loss = loss + cfg.aux_loss_coef * aux / len(micro) * accelerator.gradient_accumulation_steps
             accelerator.backward(loss)
-        sums += torch.stack([kd.detach(), lm.detach(), aux.detach() / len(micro), b.attention_mask.sum()]).double()
+        sums += torch.stack([kd.detach(), lm.detach(), aux.detach() / len(micro), b.attention_mask.sum(),
+                             vis.detach() / n_vis, rel.detach() / n_rel]).double()
     return accelerator.reduce(sums, "sum"), n_kd, n_lm
 
 

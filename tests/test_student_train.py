@@ -85,7 +85,7 @@ def test_offline_equals_online_kd_when_cache_holds_full_distribution(full_cache,
     for b, online in ((batch, None), (exact_batch, None), (batch, teacher)):
         model.zero_grad()
         teacher_logprobs = None if online is None else _teacher_logprobs(online, b, kd_mask)
-        kd, _, _ = StudentWithLoss(model, tail=cfg.tail)(b, kd_mask, no_lm, teacher_logprobs)
+        kd = StudentWithLoss(model, tail=cfg.tail)(b, kd_mask, no_lm, teacher_logprobs)[0]
         kd.backward()
         results.append((kd.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (decoded, g_dec), (offline, g_off), (online_kd, g_on) = results

@@ -202,13 +202,13 @@ def transfer_set(world: Path, n_images: int | None) -> Path:
 
 def toy_cache(toy: Toy, cache: Path, shards: int = 8, data: Path | None = None, log=print) -> Path:
     """The one extraction every toy pipeline trains from: the teacher's top-20 over every position of the
-    training set (or of `data`, a transfer set), and its reference log-probs of the preference pairs (each
-    part skipped once complete)."""
+    training set (or of `data`, a transfer set) with its LLaVA-KD relation matrices (--relation logits: 90 B per
+    image record), and its reference log-probs of the preference pairs (each part skipped once complete)."""
     settings = dict(teacher=str(toy.teacher), out=cache, image_root=toy.world)
     data = data or toy.world / "train.jsonl"
     if not (cache / "manifest.json").is_file():
         log(f"[extract] the teacher's top-20 log-probs over every position of {data} -> {cache}")
-        extract(ExtractConfig(data=data, top_k=20, positions="all", shards=shards, **settings))
+        extract(ExtractConfig(data=data, top_k=20, positions="all", relation="logits", shards=shards, **settings))
     if not (cache / "preference" / "manifest.json").is_file():
         log(f"[extract] the teacher's reference log-probs of {toy.world / 'pref.jsonl'} -> {cache / 'preference'}")
         extract(ExtractConfig(data=toy.world / "pref.jsonl", shards=2, **settings))
