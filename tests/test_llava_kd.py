@@ -268,3 +268,14 @@ def test_relation_matrices_survive_conversion_to_webdataset(rel_cache, tmp_path)
     assert len(a) == len(b) and sum(r.relation is not None for r in a) > 10
     for x, y in zip(a, b):
         assert (x.relation is None and y.relation is None) or np.array_equal(x.relation, y.relation)
+
+
+def test_the_recipes_carry_the_papers_values():
+    """llava-kd Sec. 4.1: (alpha, beta, gamma) = (1, 1, 0.5); DPT lr 1e-3 batch 32; DFT lr 2e-5 batch 16."""
+    from modkd.pipelines.recipe import recipe
+
+    for stage, lr, batch in (("dpt", 1e-3, 32), ("dft", 2e-5, 16)):
+        r = recipe(stage)
+        assert (r["lr"], r["global_batch"]) == (lr, batch)
+        assert (r["lm_weight"], r["kd_weight"], r["vis_weight"], r["rel_weight"]) == (1.0, 1.0, 1.0, 0.5)
+        assert r["kd_positions"] == "response" and r["relation"] == "logits"
