@@ -107,12 +107,14 @@ class HFBackend:
         """Hidden states (N, H) at the positions of every record, the tokens they predict (N,), split points."""
         inputs = self.inputs(batch)
         seen = {}  # the LLM's inputs_embeds: the projected image embeddings sit at the image tokens
-        hook = self.model.model.language_model.register_forward_pre_hook(
+        llm = getattr(self.model.model, "language_model", None)  # None: a text-only teacher, no image embeddings
+        hook = None if llm is None else llm.register_forward_pre_hook(
             lambda module, args, kwargs: seen.update(embeds=kwargs.get("inputs_embeds")), with_kwargs=True)
         try:
             hidden = self.model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H); no KV cache: one pass
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         self._last = (batch, inputs["input_ids"], hidden, seen.get("embeds"))
         B, T, H = hidden.shape
         flat = torch.cat([torch.as_tensor(p, dtype=torch.long) + b * T for b, p in enumerate(positions)]).to(self.device)  # (N,)
