@@ -121,7 +121,7 @@ def test_a_sampled_cache_approaches_online_kd_as_draws_grow(tmp_path_factory, te
         for online in (None, teacher):
             model.zero_grad()
             teacher_logprobs = None if online is None else _teacher_logprobs(online, batch, kd_mask)
-            kd, _, _ = StudentWithLoss(model)(batch, kd_mask, torch.zeros_like(kd_mask), teacher_logprobs)
+            kd, *_ = StudentWithLoss(model)(batch, kd_mask, torch.zeros_like(kd_mask), teacher_logprobs)
             kd.backward()
             results.append((kd.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])))
         (offline, g_off), (online_kd, g_on) = results
