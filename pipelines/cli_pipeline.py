@@ -59,12 +59,14 @@ def demo(
     smoke: bool = typer.Option(False, help="CI-sized world and a few training steps: checks the plumbing only"),
     steps: int = typer.Option(DEMO_STEPS, min=10, help="student steps S per arm (init + sft + sft-moe, or init + d2d + d2s)"),
     student_llm: str = typer.Option("pretrained", help=STUDENT_LLM_HELP),
+    seeds: int = typer.Option(1, min=1, help="train both arms from seeds 0..N-1 and judge the effect over them "
+                                             "(each extra seed adds ~3 min on 2 cores)"),
 ):
     """Toy world -> teacher -> one extraction -> SFT baseline and init -> d2d -> d2s -> pd -> evaluation -> plots."""
     if student_llm not in STUDENT_LLMS:
         raise typer.BadParameter(f"--student-llm must be one of {', '.join(STUDENT_LLMS)}")
     summary = run_demo(SMOKE if smoke else DEMO, out, 20 if smoke else steps, 16 if smoke else None, llm=student_llm,
-                       transfer=None if smoke else TRANSFER_IMAGES, log=_log)
+                       transfer=None if smoke else TRANSFER_IMAGES, seeds=seeds, log=_log)
     typer.echo("\n" + comparison_table(summary["results"]) + "\n\n" + "\n".join(summary["effect"]))
     typer.echo(f"\nresults:     {out / 'results.json'}, {out / 'report.md'}\n"
                f"cache:       {summary['cache']} (mod-store inspect / verify)\n"

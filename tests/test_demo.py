@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from modkd.pipelines.cli_pipeline import SMOKE, app
-from modkd.pipelines.toyworld.build import build_toy, toy_root
-from modkd.pipelines.toyworld.demo import D2S_NAME, PD_NAME, SFT_NAME
+from modkd.pipelines.toyworld.build import TOKENIZER, build_toy, toy_root
+from modkd.pipelines.toyworld.demo import D2S_NAME, PD_NAME, SFT_NAME, effect_lines, seed_tag
 from modkd.store import Cache
 
 
@@ -48,10 +48,40 @@ def test_demo_smoke_runs_end_to_end(tmp_path, monkeypatch, home):
         assert line in result.output
     assert result.output.count("-> shows the effect") + result.output.count("-> does NOT show the effect") == 2
     init = json.loads((toy_root(SMOKE) / "student-init-pretrained" / "student_init.json").read_text())
-    assert init == {"llm": "pretrained", "student_llm_steps": SMOKE.student_llm_steps}  # the pretrained LLM is the default
+    assert init == {"llm": "pretrained", "tokenizer": TOKENIZER, "student_llm_steps": SMOKE.student_llm_steps}  # the pretrained LLM is the default
     messages = []
     build_toy(SMOKE, log=messages.append)
     assert any("teacher: reusing" in m for m in messages)  # trained once, then cached
+
+
+def _fake(hits: list[int], chair_s: float, distinct: int) -> dict:
+    em = sum(hits) / len(hits)
+    return {"qa_hits": hits, "exact_match": {t: em for t in ("count", "colour", "position", "exist", "text", "overall")},
+            "chair": {"chair_s": chair_s, "chair_i": 0.0, "recall": 0.5, "objects": 1.0, "distinct": distinct}}
+
+
+def test_effect_over_seeds_is_the_mean_paired_difference_with_the_larger_standard_error():
+    n = 400
+    base = [i % 2 for i in range(n)]  # EM 0.5
+    lifts = [0.10, 0.10, 0.10]  # each seed's distilled student answers 40 more probes right
+    results = {}
+    for seed, lift in enumerate(lifts):
+        better = [1 if i % 2 or i < 2 * int(lift * n) else 0 for i in range(n)]
+        tag = seed_tag(seed, 3)
+        results |= {SFT_NAME + tag: _fake(base, 0.5, 50), D2S_NAME + tag: _fake(better, 0.5, 50),
+                    PD_NAME + tag: _fake(better, 0.4, 45)}
+    lines = effect_lines(results, 100, 10, seeds=3)
+    # identical seeds: no spread, so the probes' noise is the standard error: sqrt(3 se^2) / 3
+    se = (0.1 * 0.9 / (n - 1)) ** 0.5
+    assert f"difference +0.100 ± {se / 3 ** 0.5:.3f}" in lines[0] and "mean over 3 seeds" in lines[0]
+    assert lines[1].startswith("  -> shows the effect") and lines[3].startswith("  -> shows the effect")
+    # seeds that disagree: their spread is the standard error, and the effect is not shown
+    for seed, lift in enumerate([0.10, -0.10, 0.02]):
+        better = [1 if i % 2 or i < 2 * int(abs(lift) * n) else 0 for i in range(n)]
+        worse = [0 if i < 2 * int(abs(lift) * n) else b for i, b in enumerate(base)]
+        results[D2S_NAME + seed_tag(seed, 3)] = _fake(better if lift > 0 else worse, 0.5, 50)
+    lines = effect_lines(results, 100, 10, seeds=3)
+    assert "difference +0.007 ± 0.058" in lines[0] and lines[1].startswith("  -> does NOT show the effect")
 
 
 def test_kd_vs_sft_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch, home):

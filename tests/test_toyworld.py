@@ -80,6 +80,20 @@ def test_build_is_idempotent_and_rebuilds_on_new_parameters(tmp_path):
     assert json.loads(paths["world"].read_text())["parameters"]["n_train_images"] == 61
 
 
+def test_a_larger_eval_split_keeps_the_training_side_and_the_tokenizer(tmp_path):
+    from modkd.pipelines.toyworld.models import train_tokenizer
+    from modkd.pipelines.toyworld.world import corpus_texts
+
+    small = build_world(tmp_path / "small", seed=0, **SIZES)
+    large = build_world(tmp_path / "large", seed=0, **{**SIZES, "n_eval_images": 3 * SIZES["n_eval_images"]})
+    for name in ("train", "pref"):
+        assert small[name].read_bytes() == large[name].read_bytes()
+    first = read_jsonl(small["eval_caption"])
+    assert read_jsonl(large["eval_caption"])[: len(first)] == first  # the held-out images only grow
+    vocab = lambda w: json.loads(train_tokenizer(corpus_texts(w["world"].parent)).backend_tokenizer.to_str())["model"]  # noqa: E731
+    assert vocab(small) == vocab(large)
+
+
 def test_layout_and_counts(world):
     meta = json.loads((world / "world.json").read_text())
     counts = meta["counts"]
@@ -301,13 +315,15 @@ def test_chair_scores():
         {"id": "b", "objects": [["green", "triangle", "top"]]},
     ]
     perfect = {"a": "a red circle at the top left, a blue square at the center.", "b": "a green triangle at the top."}
-    assert chair_scores(records, perfect) == {"chair_s": 0.0, "chair_i": 0.0, "recall": 1.0}
+    assert chair_scores(records, perfect) == {"chair_s": 0.0, "chair_i": 0.0, "recall": 1.0, "objects": 1.5}
     # a: mentions red circle (true) and yellow circle (invented); b: green triangle twice (counted once), true
     predictions = {
         "a": "a red circle at the top left, a yellow circle at the right.",
         "b": "a green triangle at the top, a green triangle.",
     }
-    assert chair_scores(records, predictions) == pytest.approx({"chair_s": 0.5, "chair_i": 1 / 3, "recall": 2 / 3})
+    assert chair_scores(records, predictions) == pytest.approx({"chair_s": 0.5, "chair_i": 1 / 3, "recall": 2 / 3,
+                                                                   "objects": 1.5})
+    assert chair_scores(records, {"a": "a red circle.", "b": "nothing."})["objects"] == 0.5  # saying less
 
 
 def test_pretraining_text_has_no_image_and_no_training_scene(world, tmp_path):

@@ -1,4 +1,4 @@
-"""mod-pipeline demo [--out runs/demo] [--student-llm pretrained|random] [--smoke]
+"""mod-pipeline demo [--out runs/demo] [--seeds 1] [--student-llm pretrained|random] [--smoke]
 
 The whole offline pipeline on the built-in toy world, on CPU (or the GPU when there is one), nothing
 downloaded:
@@ -44,8 +44,9 @@ SFT_NAME, D2S_NAME, PD_NAME = ("student, labels only (init -> sft -> sft-moe)", 
 
 
 def demo(cfg: ToyConfig, out: Path, steps: int, limit: int | None = None, llm: str = "pretrained",
-         transfer: int | None = TRANSFER_IMAGES, pd_steps: int | None = None, log=print) -> dict:
-    """pd_steps None: one epoch of the preference pairs (compare.pd_epoch_steps)."""
+         transfer: int | None = TRANSFER_IMAGES, pd_steps: int | None = None, seeds: int = 1, log=print) -> dict:
+    """pd_steps None: one epoch of the preference pairs (compare.pd_epoch_steps). seeds > 1 trains both arms
+    again from seeds 1.. (data order, routers) under out/seed{n}, and judges the effect over the seeds."""
     out.mkdir(parents=True, exist_ok=True)
     log(f"[1/6] toy world, toy teacher and the {llm} student LLM (config {json.dumps(cfg.__dict__)})")
     toy = build_toy(cfg, log=log)
@@ -58,27 +59,35 @@ def demo(cfg: ToyConfig, out: Path, steps: int, limit: int | None = None, llm: s
     chain = [*DISTILLED, ("pd", pd_steps / steps, {})]
     log(f"[3/6] the baseline, labels only: init -> sft -> sft-moe (E4T2, CE only), {steps} steps")
     log(f"[4/6] the distilled student, teacher-free: init -> d2d -> d2s (E4T2), {steps} steps, -> pd (KTO, "
-        f"{pd_steps} steps); both arms side by side after the shared init")
-    done: dict[tuple, Path] = {}
-    with one_thread_between_jobs():
-        run_arm("init", [INIT], student, cache, toy.world, out, steps, 0, done, log)
-    sft, distilled = in_parallel([
-        (run_arm, ("labels only", SFT_ONLY, student, cache, toy.world, out, steps, 0, dict(done)), {"log": log}),
-        (run_arm, ("distilled", chain, student, cache, toy.world, out, steps, 0, dict(done)),
-         {"log": log, "number_from": len(SFT_ONLY) - 1})])
-    models = {"toy teacher": toy.teacher, SFT_NAME: sft[-1], D2S_NAME: distilled[2], PD_NAME: distilled[3]}
+        f"{pd_steps} steps); both arms side by side after the shared init" + (f"; seeds 0-{seeds - 1}" if seeds > 1 else ""))
+    models, runs = {"toy teacher": toy.teacher}, {}
+    for seed in range(seeds):
+        seed_out, done = (out if seed == 0 else out / f"seed{seed}"), {}
+        with one_thread_between_jobs():
+            run_arm("init", [INIT], student, cache, toy.world, seed_out, steps, seed, done, log)
+        sft, distilled = in_parallel([
+            (run_arm, ("labels only", SFT_ONLY, student, cache, toy.world, seed_out, steps, seed, dict(done)), {"log": log}),
+            (run_arm, ("distilled", chain, student, cache, toy.world, seed_out, steps, seed, dict(done)),
+             {"log": log, "number_from": len(SFT_ONLY) - 1})])
+        tag = seed_tag(seed, seeds)
+        models |= {SFT_NAME + tag: sft[-1], D2S_NAME + tag: distilled[2], PD_NAME + tag: distilled[3]}
+        if seed == 0:  # the plots show seed 0's curves
+            runs = {"init": sft[0].parent, "labels only: sft": sft[1].parent, "labels only: sft-moe": sft[2].parent,
+                    **{f"distilled: {stage}": final.parent for (stage, _, _), final in zip(chain[1:], distilled[1:])}}
     log("[5/6] evaluating on held-out images (greedy decoding)")
     scores = in_parallel([(evaluate, (path, toy.world, limit), {}) for path in models.values()])
     results = {name: {**score, **parameters(path), "model": str(path)}
                for (name, path), score in zip(models.items(), scores)}
     log("[6/6] plots of the training curves")
-    runs = {"init": sft[0].parent, "labels only: sft": sft[1].parent, "labels only: sft-moe": sft[2].parent,
-            **{f"distilled: {stage}": final.parent for (stage, _, _), final in zip(chain[1:], distilled[1:])}}
-    plot = training_curves(runs, out / "plots" / "training.png", "demo: training curves")
-    effect = effect_lines(results, steps, pd_steps)
+    plot = training_curves(runs, out / "plots" / "training.png", "demo: training curves" + (" (seed 0)" if seeds > 1 else ""))
+    effect = effect_lines(results, steps, pd_steps, seeds)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(comparison_table(results) + "\n\n" + "\n".join(effect) + "\n")
     return {"results": results, "effect": effect, "cache": cache, "runs": out / "runs", "plot": plot}
+
+
+def seed_tag(seed: int, seeds: int) -> str:
+    return f" [seed {seed}]" if seeds > 1 else ""
 
 
 def paired(a: list[int], b: list[int]) -> tuple[float, float]:
@@ -89,30 +98,43 @@ def paired(a: list[int], b: list[int]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(d))
 
 
-def effect_lines(results: dict, steps: int, pd_steps: int) -> list[str]:
-    """The demo's two claims, each measured and judged against its bar, in words."""
-    sft, d2s, pd = results[SFT_NAME], results[D2S_NAME], results[PD_NAME]
-    mean, se = paired(sft["qa_hits"], d2s["qa_hits"])
+def effect_lines(results: dict, steps: int, pd_steps: int, seeds: int = 1) -> list[str]:
+    """The demo's two claims, each measured and judged against its bar, in words. Over several seeds the EM
+    difference is the mean of the seeds' paired differences, with the larger of two standard errors: the spread
+    of the seeds' differences (std / sqrt(seeds)) and the probes' noise (sqrt(sum of the seeds' SE^2) / seeds)."""
+    tags = [seed_tag(seed, seeds) for seed in range(seeds)]
+    sft, d2s, pd = ([results[name + tag] for tag in tags] for name in (SFT_NAME, D2S_NAME, PD_NAME))
+    diffs = [paired(a["qa_hits"], b["qa_hits"]) for a, b in zip(sft, d2s)]
+    mean = sum(m for m, _ in diffs) / seeds
+    se = math.sqrt(sum(e**2 for _, e in diffs)) / seeds
+    if seeds > 1:
+        se = max(se, math.sqrt(sum((m - mean) ** 2 for m, _ in diffs) / (seeds - 1) / seeds))
     z = mean / se if se else float("inf") if mean else 0.0
-    tasks = [t for t in TASKS[:-1] if t in sft["exact_match"]]
-    ahead = [t for t in tasks if d2s["exact_match"][t] > sft["exact_match"][t]]
-    per_task = ", ".join(f"{t} {d2s['exact_match'][t] - sft['exact_match'][t]:+.3f}" for t in tasks)
+    avg = lambda rs, f: sum(f(r) for r in rs) / len(rs)  # noqa: E731
+    tasks = [t for t in TASKS[:-1] if t in sft[0]["exact_match"]]
+    gain = {t: avg(d2s, lambda r: r["exact_match"][t]) - avg(sft, lambda r: r["exact_match"][t]) for t in tasks}
+    ahead = [t for t in tasks if gain[t] > 0]
+    per_task = ", ".join(f"{t} {gain[t]:+.3f}" for t in tasks)
     kd_ok = z >= SE_TARGET and len(ahead) >= 3
-    chair = lambda r, k: r["chair"][k]  # noqa: E731
-    kept = chair(pd, "distinct") / max(1, chair(d2s, "distinct"))
+    chair = lambda rs, k: avg(rs, lambda r: r["chair"][k])  # noqa: E731
+    kept = avg(list(zip(d2s, pd)), lambda ab: ab[1]["chair"]["distinct"] / max(1, ab[0]["chair"]["distinct"]))
     pd_ok = chair(pd, "chair_s") < chair(d2s, "chair_s") and kept >= DISTINCT_KEPT
+    over = "" if seeds == 1 else f", mean over {seeds} seeds"
+    noise = (f"paired over the {len(sft[0]['qa_hits'])} QA probes" if seeds == 1 else
+             "per seed " + ", ".join(f"{m:+.3f} ± {e:.3f}" for m, e in diffs))
     return [
-        f"Distillation vs labels only (same E4T2 student, transfer set and {steps} steps): EM overall "
-        f"{sft['exact_match']['overall']:.3f} -> {d2s['exact_match']['overall']:.3f}, difference {mean:+.3f} ± {se:.3f} "
-        f"(paired over the {len(sft['qa_hits'])} QA probes; {z:+.1f} standard errors); per task {per_task} "
+        f"Distillation vs labels only (same E4T2 student, transfer set and {steps} steps{over}): EM overall "
+        f"{avg(sft, lambda r: r['exact_match']['overall']):.3f} -> {avg(d2s, lambda r: r['exact_match']['overall']):.3f}, "
+        f"difference {mean:+.3f} ± {se:.3f} ({noise}; {z:+.1f} standard errors); per task {per_task} "
         f"(distilled ahead on {len(ahead)} of {len(tasks)}).",
         "  -> " + ("shows the effect" if kd_ok else "does NOT show the effect") +
         f" (bar: >= {SE_TARGET} standard errors and ahead on >= 3 of the {len(tasks)} tasks).",
-        f"Preference distillation ({pd_steps} steps of KTO after d2s): CHAIR_s {chair(d2s, 'chair_s'):.3f} -> "
+        f"Preference distillation ({pd_steps} steps of KTO after d2s{over}): CHAIR_s {chair(d2s, 'chair_s'):.3f} -> "
         f"{chair(pd, 'chair_s'):.3f}, CHAIR_i {chair(d2s, 'chair_i'):.3f} -> {chair(pd, 'chair_i'):.3f}, object recall "
-        f"{chair(d2s, 'recall'):.3f} -> {chair(pd, 'recall'):.3f}, distinct captions {chair(d2s, 'distinct')} -> "
-        f"{chair(pd, 'distinct')} ({kept:.0%} kept), EM overall {d2s['exact_match']['overall']:.3f} -> "
-        f"{pd['exact_match']['overall']:.3f}.",
+        f"{chair(d2s, 'recall'):.3f} -> {chair(pd, 'recall'):.3f}, objects per caption {chair(d2s, 'objects'):.2f} -> "
+        f"{chair(pd, 'objects'):.2f}, distinct captions {chair(d2s, 'distinct'):.0f} -> {chair(pd, 'distinct'):.0f} "
+        f"({kept:.0%} kept), EM overall {avg(d2s, lambda r: r['exact_match']['overall']):.3f} -> "
+        f"{avg(pd, lambda r: r['exact_match']['overall']):.3f}.",
         "  -> " + ("shows the effect" if pd_ok else "does NOT show the effect") +
         f" (bar: CHAIR_s lower with >= {DISTINCT_KEPT:.0%} of the distinct captions kept).",
     ]

@@ -66,7 +66,8 @@ def chair_scores(records: list[dict], predictions: dict[str, str]) -> dict[str, 
     """CHAIR over object kinds (location ignored); each caption's mentions counted once per kind.
 
     chair_s: share of captions with at least one hallucinated kind; chair_i: hallucinated mentions over
-    all mentions; recall: present kinds mentioned over all present kinds.
+    all mentions; recall: present kinds mentioned over all present kinds; objects: kinds named per caption
+    (a captioner that says less lowers CHAIR without seeing better).
     """
     hallucinating_captions = hallucinated = mentioned = present_mentioned = present_total = 0
     for record in records:
@@ -82,4 +83,5 @@ def chair_scores(records: list[dict], predictions: dict[str, str]) -> dict[str, 
         "chair_s": hallucinating_captions / len(records),
         "chair_i": hallucinated / mentioned if mentioned else 0.0,
         "recall": present_mentioned / present_total,
+        "objects": mentioned / len(records),
     }

@@ -44,7 +44,7 @@ def comparison_table(results: dict[str, dict]) -> str:
     answers yes scores F1 0.667 at accuracy 0.5; object recall and distinct captions sit beside CHAIR because
     a captioner that names one popular object in every caption lowers CHAIR without describing the images."""
     head = ["model", *[f"EM {t}" for t in TASKS[:-1]], "EM overall ± SE", "POPE F1 (mean of 3)", "POPE acc",
-            "CHAIR_s", "CHAIR_i", "object recall", "distinct captions", "params (active)"]
+            "CHAIR_s", "CHAIR_i", "object recall", "objects / caption", "distinct captions", "params (active)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         se = f" ± {em_standard_error(r):.3f}" if "qa_hits" in r else ""
@@ -52,7 +52,7 @@ def comparison_table(results: dict[str, dict]) -> str:
         cells = [name, *[f"{r['exact_match'].get(t, float('nan')):.3f}" for t in TASKS[:-1]],
                  f"{r['exact_match']['overall']:.3f}{se}", f"{_pope_mean(r, 'f1'):.3f}", f"{_pope_mean(r, 'accuracy'):.3f}",
                  f"{r['chair']['chair_s']:.3f}", f"{r['chair']['chair_i']:.3f}", f"{r['chair']['recall']:.3f}",
-                 "n/a" if distinct is None else str(distinct),
+                 f"{r['chair']['objects']:.2f}" if "objects" in r["chair"] else "n/a", "n/a" if distinct is None else str(distinct),
                  f"{r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M)"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -66,6 +66,7 @@ SEED_COLUMNS = {  # column -> value of one evaluation; POPE values are means ove
     "CHAIR_s": lambda r: r["chair"]["chair_s"],
     "CHAIR_i": lambda r: r["chair"]["chair_i"],
     "object recall": lambda r: r["chair"]["recall"],
+    "objects / caption": lambda r: r["chair"].get("objects", float("nan")),
 }
 
 

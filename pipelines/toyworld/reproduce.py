@@ -7,7 +7,8 @@ trainer from the same student init, over seeds 0..N-1 (seed: data order, router 
 `--steps` is the mimic-distillation budget S of an arm: d2d S/2 then d2s S/2, or one stage for S; pd
 adds one epoch of the preference pairs (19 steps), as the paper trains it. The student starts from the
 pretrained toy LLM (`--student-llm random` for the random one). Arms sharing a prefix (the d2d stage of
-most arms) train it once per seed; results.json is rewritten after every arm. For each paper comparison
+most arms) train it once per seed; the seeds run side by side, one process per core, and each seed's
+results.json (seed*/results.json) is rewritten after every arm. For each paper comparison
 the report puts the paper's numbers (its Tables 4-8 and 12-16) beside ours and says whether the direction
 agrees; our difference is paired by seed (mean and std over seeds of treatment minus
 reference), and called within noise when its mean is under two standard errors. The toy measures
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from .compare import pd_epoch_steps, run_arm
 from .evaluate import evaluate
+from .parallel import in_parallel
 from .plots import training_curves
 from .report import SEED_COLUMNS, parameters, seeds_table
 
@@ -87,25 +89,41 @@ STAGE_PLOTS = ("d2d", "sft", "d2s", "pd")  # one PNG of seed 0's training curves
 
 def reproduce(teacher: Path, student: Path, cache: Path, world: Path, out: Path, steps: int, seeds: int,
               limit: int | None = None, log=print) -> dict:
-    """Trains and evaluates every arm for seeds 0..seeds-1; writes results.json, report.md and plots/."""
+    """Trains and evaluates every arm for seeds 0..seeds-1, the seeds side by side (one process per core:
+    parallel.py); writes results.json, report.md and plots/."""
     out.mkdir(parents=True, exist_ok=True)
     chains = arms(teacher, pd_epoch_steps(cache) / steps)
     results: dict[str, list[dict]] = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher)}]}
+    per_seed = in_parallel([(one_seed, (chains, student, cache, world, out, steps, seed, limit), {"log": log})
+                            for seed in range(seeds)])
+    for seed_results in per_seed:
+        for name, result in seed_results.items():
+            results.setdefault(name, []).append(result)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     stage_runs: dict[str, dict[str, Path]] = {stage: {} for stage in STAGE_PLOTS}
-    for seed in range(seeds):
-        done: dict[tuple, Path] = {}
-        for name, stages in chains.items():
-            finals = run_arm(name, stages, student, cache, world, out / f"seed{seed}", steps, seed, done, log)
-            log(f"[reproduce] seed {seed}: evaluating {name}")
-            results.setdefault(name, []).append({**evaluate(finals[-1], world, limit), **parameters(finals[-1]),
-                                                 "model": str(finals[-1])})
-            for (stage, _, _), final in zip(stages, finals):
-                if seed == 0 and final.parent not in stage_runs[stage].values():  # a shared stage: one curve
-                    stage_runs[stage][f"{name}: {stage}"] = final.parent
-            (out / "results.json").write_text(json.dumps(results, indent=1))  # after every arm: partial runs are kept
+    for name, stages in chains.items():  # seed 0's run of each stage; a stage shared by arms is one curve
+        for (stage, _, _), final in zip(stages, per_seed[0][name]["finals"]):
+            if Path(final).parent not in stage_runs[stage].values():
+                stage_runs[stage][f"{name}: {stage}"] = Path(final).parent
     plots = [training_curves(runs, out / "plots" / f"{stage}.png", f"{stage} stage, seed 0")
              for stage, runs in stage_runs.items() if runs]
     (out / "report.md").write_text(report(results, steps, [p for p in plots if p is not None], out))
+    return results
+
+
+def one_seed(chains: dict[str, list[tuple]], student: Path, cache: Path, world: Path, out: Path, steps: int, seed: int,
+             limit: int | None = None, log=print) -> dict[str, dict]:
+    """Every arm of one seed, trained and evaluated in order (arms sharing a prefix train it once); the arm's
+    evaluation with its stages' final models. seed{seed}/results.json is rewritten after every arm, so a run cut
+    short keeps what it finished."""
+    done: dict[tuple, Path] = {}
+    results: dict[str, dict] = {}
+    for name, stages in chains.items():
+        finals = run_arm(name, stages, student, cache, world, out / f"seed{seed}", steps, seed, done, log)
+        log(f"[reproduce] seed {seed}: evaluating {name}")
+        results[name] = {**evaluate(finals[-1], world, limit), **parameters(finals[-1]), "model": str(finals[-1]),
+                         "finals": [str(f) for f in finals]}
+        (out / f"seed{seed}" / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -442,9 +442,11 @@ def build_world(
 
 
 def corpus_texts(out_dir: Path) -> Iterator[str]:
-    """Every question and answer string in the world (placeholders removed), for training a tokenizer."""
+    """Every question and answer string of the training side (training records and preference pairs;
+    placeholders removed), for training a tokenizer. Never the eval split's: the held-out set can grow without
+    changing the tokenizer (and with it every model's token ids)."""
     paths = world_paths(Path(out_dir))
-    for name in ("train", "eval_qa", "eval_pope", "eval_caption"):
+    for name in ("train",):
         for record in read_jsonl(paths[name]):
             for turn in record["conversations"]:
                 yield turn["value"].replace("<image>\n", "")
