@@ -320,6 +320,34 @@ def test_the_embedding_form_is_the_cosine_self_correlation_of_the_projected_imag
     assert rel.item() > 1e-3
 
 
+def test_inspect_shows_the_relation_form_its_size_and_its_bytes_per_record(rel_cache, plain_caches, tmp_path):
+    from typer.testing import CliRunner
+
+    from modkd.pipelines.cli_store import app as store_cli
+    from modkd.store.convert import convert_cache
+
+    records = [r for r in Cache.open(rel_cache).records() if r.relation is not None]
+    n_p = {r.relation.shape[0] for r in records}
+    assert len(n_p) == 1 and n_p == {records[0].num_image_tokens}
+    n = n_p.pop()
+    result = CliRunner().invoke(store_cli, ["inspect", str(rel_cache)])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("relation matrices:"))
+    assert line.startswith(f"relation matrices: logits (settings.relation), N_p = {n}, {len(records)} of ")
+    assert f"{n * (n + 1)} B per record with a matrix" in line and "on disk (zstd Parquet)" in line
+    report = json.loads(CliRunner().invoke(store_cli, ["inspect", str(rel_cache), "--json"]).output)
+    total = report["total"]
+    assert report["relation"] == "logits" and total["relation_records"] == len(records)
+    assert total["relation_n_p"] == [n, n] and total["relation_bytes_per_record"] == n * (n + 1)  # fp16 triangle
+    assert 0 < total["relation_disk_bytes_per_record"] < 2 * n * (n + 1)
+    plain = json.loads(CliRunner().invoke(store_cli, ["inspect", str(plain_caches["all"]), "--json"]).output)
+    assert plain["relation"] == "none" and plain["total"]["relation_records"] == 0
+    assert plain["total"]["relation_bytes_per_record"] is None
+    convert_cache(rel_cache, tmp_path / "wds", "webdataset")  # no Parquet footers: raw bytes only
+    wds = json.loads(CliRunner().invoke(store_cli, ["inspect", str(tmp_path / "wds"), "--json"]).output)["total"]
+    assert wds["relation_bytes_per_record"] == n * (n + 1) and wds["relation_disk_bytes_per_record"] is None
+
+
 def test_relation_matrices_survive_conversion_to_webdataset(rel_cache, tmp_path):
     from modkd.store.convert import convert_cache
 
