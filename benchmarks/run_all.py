@@ -105,6 +105,9 @@ def llava_kd_step(r: dict) -> list[str]:
         lines.append(f"  relation term alone, V={s['V']} H={s['H']} {s['records']} x N_p={s['N_p']}: per-record Gram "
                      f"{t['per-record Gram'] / t['batched Gram']:.2f}x, explicit logits {t['explicit logits'] / t['batched Gram']:.2f}x "
                      f"the batched Gram")
+    real = r["real_vocab"]
+    lines.append(f"  whole step, V={real['V']}, {real['records_per_batch']} records x {real['image_tokens_per_record']} image "
+                 f"tokens, / sft: " + ", ".join(f"{k} {x:.2f}x" for k, x in real["ratios_vs_sft"].items() if k != "sft"))
     return lines
 
 
