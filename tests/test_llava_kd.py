@@ -1,10 +1,11 @@
 """pytest tests/test_llava_kd.py -q
 
 LLaVA-KD (llava-kd Sec. 3.3) from the cache: RDist's loss as mathematical properties (0 for identical
-matrices, invariant to a positive scale of the logits, gradient equal to autograd of the direct Y Y^T form, the trainer's
-batched form equal to the per-record direct form in value and gradient, float64),
-the relation matrices the extractor stores (equal to the teacher's own logits' Gram, fp16 tolerance), L_vis
-reading exactly the image positions, what dpt and dft train, and the refusal of a cache that lacks their inputs.
+matrices, invariant to a positive scale of the logits, gradient equal to autograd of the direct Y Y^T form,
+the trainer's batched form equal to the per-record direct form in value and gradient, float64), the relation
+matrices the extractor stores (equal to the teacher's own logits' Gram, fp16 tolerance) and what `mod-store
+inspect` says of them, L_vis reading exactly the image positions, what dpt and dft train, and the refusal of a
+cache that lacks their inputs.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def test_the_batched_relation_loss_equals_the_per_record_direct_form_in_value_an
     written out record by record (explicit (n, V) logits for `logits`), float64: the same value and gradients."""
     g = torch.Generator().manual_seed(4)
     sizes = [9, 4, 9, 1, 6]  # unequal N_p (anyres towers), one single-token image
-    h0, w0 = torch.randn(sum(sizes), 12, generator=g, dtype=torch.float64), torch.randn(40, 12, generator=g, dtype=torch.float64)
+    h0 = torch.randn(sum(sizes), 12, generator=g, dtype=torch.float64)  # (M, H) the batch's image-token rows
+    w0 = torch.randn(40, 12, generator=g, dtype=torch.float64)  # (V, H)
     targets = []
     for n in sizes:
         a = torch.randn(n, 30, generator=g, dtype=torch.float64)
