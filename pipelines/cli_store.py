@@ -44,7 +44,8 @@ def inspect(
     path: Path = typer.Argument(..., help="cache directory (holds manifest.json)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
-    """Per-shard records, positions, bytes, bytes/position, mean top-k mass and entropy; rejects by reason."""
+    """Per-shard records, positions, bytes, bytes/position, mean top-k mass and entropy; rejects by reason;
+    LLaVA-KD's relation matrices (form, N_p, bytes per record)."""
     try:
         cache = Cache.open(path)
         rows = cache.stats()
@@ -52,14 +53,16 @@ def inspect(
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
     preference = cache.preference_manifest
+    relation = cache.manifest["settings"].get("relation", "none") if cache.manifest else None  # form, or none
     if as_json:
-        typer.echo(json.dumps({"shards": rows[:-1], "total": rows[-1] if rows else None,
+        typer.echo(json.dumps({"shards": rows[:-1], "total": rows[-1] if rows else None, "relation": relation,
                                "rejects": cache.manifest["rejects"] if cache.manifest else {},
                                "preference": None if preference is None else
                                {"totals": preference["totals"], "rejects": preference["rejects"]}}, indent=2))
         return
     if cache.manifest is not None:
         _print_table(rows, cache.manifest["rejects"])
+        typer.echo(f"relation matrices: {_relation_line(relation, rows[-1])}")
     if preference is not None:
         typer.echo(f"preference pairs: {_preference_line(preference)}")
 
@@ -117,6 +120,18 @@ def _print_table(rows: list[dict], rejects: dict) -> None:
     typer.echo(f"positions by kind: {kinds}")
     reasons = ", ".join(f"{reason} {count}" for reason, count in rejects.items()) or "none"
     typer.echo(f"rejected input records: {sum(rejects.values())} ({reasons})")
+
+
+def _relation_line(form: str, total: dict) -> str:
+    """settings.relation, N_p and the column's bytes per record with a matrix (store/stats.py)."""
+    if total["relation_records"] == 0:
+        return f"{form} (settings.relation); no record holds one"
+    low, high = total["relation_n_p"]
+    sizes = f"N_p = {low}" if low == high else f"N_p = {low}..{high}"
+    return (f"{form} (settings.relation), {sizes}, {total['relation_records']} of {total['records']} records, "
+            f"{total['relation_bytes_per_record']:,.0f} B per record with a matrix as fp16 upper triangles"
+            + ("" if total["relation_disk_bytes_per_record"] is None else
+               f", {total['relation_disk_bytes_per_record']:,.1f} B on disk (zstd Parquet)"))
 
 
 def _preference_line(manifest: dict) -> str:

@@ -22,6 +22,14 @@ def triangle_size(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def triangle_side(values: int) -> int:
+    """n of an upper triangle holding `values` = n (n + 1) / 2 entries; ValueError if no n fits."""
+    n = int(round((np.sqrt(8 * values + 1) - 1) / 2))
+    if triangle_size(n) != values:
+        raise ValueError(f"relation column holds {values} values, not a triangle n (n + 1) / 2")
+    return n
+
+
 def encode_relation(matrix: np.ndarray) -> bytes:
     """(n, n) symmetric float matrix -> bytes of its unit-Frobenius-norm upper triangle in float16."""
     m = np.asarray(matrix, dtype=np.float64)  # (n, n)
@@ -39,9 +47,7 @@ def decode_relation(data: bytes) -> np.ndarray | None:
     if not data:
         return None
     tri = np.frombuffer(data, dtype="<f2").astype(np.float32)  # (n (n + 1) / 2,)
-    n = int(round((np.sqrt(8 * tri.size + 1) - 1) / 2))
-    if triangle_size(n) != tri.size:
-        raise ValueError(f"relation column holds {tri.size} values, not a triangle n (n + 1) / 2")
+    n = triangle_side(tri.size)
     m = np.zeros((n, n), dtype=np.float32)  # (n, n)
     rows, cols = np.triu_indices(n)
     m[rows, cols] = tri

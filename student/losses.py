@@ -101,32 +101,63 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values)).sum()
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 at least: bf16 / fp16 are upcast, fp64 (the tests' reference precision) is kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def blocks(values: torch.Tensor, sizes: torch.Tensor, square: bool = False) -> torch.Tensor:
+    """Consecutive per-record blocks, zero-padded into one batch tensor (no Python loop over records).
+
+    sizes (R,) int64: each block's n. Rows (square=False): values (sum n, D) -> (R, n_max, D). Matrices
+    (square=True): values (sum n^2,), each block an (n, n) matrix flattened row-major -> (R, n_max, n_max).
+    The padding is 0 and carries no gradient, so a zero-padded relation matrix has the same cosine as the
+    unpadded one (zeros add nothing to the dot product or the norms).
+    """
+    r = torch.arange(sizes.numel(), device=values.device)  # (R,)
+    sizes = sizes.to(values.device)
+    n_max = int(sizes.max()) if sizes.numel() else 0
+    per = sizes * sizes if square else sizes  # (R,) entries per block
+    owner = torch.repeat_interleave(r, per)  # (E,) the block of each entry
+    within = torch.arange(owner.numel(), device=values.device) - (torch.cumsum(per, 0) - per)[owner]  # (E,)
+    if square:
+        n = sizes[owner]  # (E,)
+        out = values.new_zeros((sizes.numel(), n_max, n_max))  # (R, n_max, n_max)
+        return out.index_put((owner, within // n, within % n), values)
+    out = values.new_zeros((sizes.numel(), n_max, values.shape[-1]))  # (R, n_max, D)
+    return out.index_put((owner, within), values)
+
+
 def logit_relation(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """LLaVA-KD's relation matrix R = Y_v Y_v^T (Eq. 4), Y_v = hidden W^T the raw logits at the image tokens.
 
-    hidden (n, H) at the n = N_p image-token positions; weight (V, H) the (bias-free) lm_head. Returns (n, n) fp32,
-    computed as hidden (W^T W) hidden^T so no (n, V) logits tensor exists: one (H, H) Gram per call, exact
-    algebra, and its gradient reaches both the hidden states and the lm_head.
+    hidden (..., n, H) at the n = N_p image-token positions (a batch of zero-padded records: (R, n_max, H));
+    weight (V, H) the (bias-free) lm_head. Returns (..., n, n) fp32, computed as hidden (W^T W) hidden^T: the
+    (H, H) Gram once per call, whatever the batch (V H^2, against M V H for the M = R N_p image tokens' explicit
+    logits: cheaper once M > H, as in any batch of images), and no (M, V) logits tensor. Exact algebra; its
+    gradient reaches both the hidden states and the lm_head.
     """
     with torch.autocast(hidden.device.type, enabled=False):  # fp32: bf16 would round the Gram's large sums
-        w = weight.float()  # (V, H)
-        h = hidden.float()  # (n, H)
-        return h @ (w.T @ w) @ h.T  # (n, n) fp32
+        w = _fp32(weight)  # (V, H)
+        h = _fp32(hidden)  # (..., n, H)
+        return (h @ (w.T @ w)) @ h.transpose(-1, -2)  # (..., n, n) fp32
 
 
 def embedding_relation(embeds: torch.Tensor) -> torch.Tensor:
     """The authors' released-code form of RDist's matrix: cosine self-correlation of the projected image
-    embeddings embeds (n, D) (the LLM's input rows at the image tokens). Returns (n, n) fp32, entries in [-1, 1]."""
+    embeddings embeds (..., n, D) (the LLM's input rows at the image tokens). Returns (..., n, n) fp32, entries in
+    [-1, 1]; a zero (padding) row gives a zero row and column."""
     with torch.autocast(embeds.device.type, enabled=False):
-        e = F.normalize(embeds.float(), dim=-1)  # (n, D)
-        return e @ e.T  # (n, n)
+        e = F.normalize(_fp32(embeds), dim=-1)  # (..., n, D)
+        return e @ e.transpose(-1, -2)  # (..., n, n)
 
 
 def relation_loss(r_s: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
-    """L_rel = 1 - cos(R_s, R_t) (llava-kd Eq. 5): the cosine of the two (n, n) matrices as vectors; 0-dim fp32.
+    """L_rel = 1 - cos(R_s, R_t) (llava-kd Eq. 5): the cosine of the two (n, n) matrices as vectors; fp32, one
+    value per matrix: 0-dim for (n, n) inputs, (R,) for a batch (R, n, n).
 
     0 for identical matrices and invariant to a positive scale of either (so of the logits: R scales by c^2).
     A zero matrix has no direction: its cosine is taken as 0 (loss 1), never NaN.
     """
-    s, t = r_s.float().reshape(-1), r_t.float().reshape(-1)  # (n * n,)
-    return 1.0 - (s @ t) / (s.norm() * t.norm()).clamp(min=1e-30)
+    s, t = _fp32(r_s).flatten(-2), _fp32(r_t).flatten(-2)  # (..., n * n)
+    return 1.0 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1)).clamp(min=1e-30)

@@ -40,7 +40,7 @@ from .checks import check_llava_kd_inputs, check_student_matches_cache
 from .config import TrainConfig, for_processes
 from .data import Batch, BatchStream, Sequences
 from .engine import backward_scale, configure_engine
-from .losses import (embedding_relation, forward_kl, kd_estimator, logit_relation, masked_sum, relation_loss,
+from .losses import (blocks, embedding_relation, forward_kl, kd_estimator, logit_relation, masked_sum, relation_loss,
                      student_logprobs, target_logprobs)
 from .model import freeze_for, is_sparse, load_student, save_pretrained, upcycle
 from .pd import accumulate_preference
@@ -59,7 +59,8 @@ class StudentWithLoss(torch.nn.Module):
     lm_mask, the MoE aux loss, summed KL over vis_mask (LLaVA-KD's image positions) and summed RDist
     1 - cos(R_s, R_t) over the batch's relation matrices (0-dim tensors; the last two 0 unless asked for);
     forward(Sequences) -> each row's summed response log-prob (S,) fp32 (stage pd). The lm_head runs on the used
-    positions only, in fp32 chunks (student/losses.py); RDist's R_s on the image tokens via the lm_head's Gram.
+    positions only, in fp32 chunks (student/losses.py); RDist's R_s on the image tokens via the lm_head's Gram,
+    once per batch.
     """
 
     def __init__(self, llava, distil: bool = True, tail: bool = False, tap=None, vocab: int | None = None,
@@ -124,21 +125,20 @@ class StudentWithLoss(torch.nn.Module):
 
     def _relation(self, b: Batch, every: torch.Tensor, embeds: torch.Tensor | None, weight: torch.Tensor):
         """Summed L_rel = 1 - cos(R_s, R_t) (llava-kd Eq. 5) over the batch's records with a cached R_t; R_s from
-        the student's own image tokens in the same form (logits: Eq. 4; embeddings: the released code's)."""
+        the student's own image tokens in the same form (logits: Eq. 4; embeddings: the released code's), all
+        records at once: zero-padded to the batch's largest N_p (losses.blocks), one lm_head Gram per batch."""
         flat = (b.input_ids.reshape(-1) == self.image_token_id).nonzero()[:, 0]  # (M,) image tokens, in record order
-        sizes = b.relation_sizes.tolist()  # one N_p per record with a matrix
-        if sum(sizes) != flat.numel():
+        sizes = b.relation_sizes  # (R,) N_p of each record with a matrix
+        if int(sizes.sum()) != flat.numel():
             raise ValueError(f"the batch holds {flat.numel()} image tokens but its records' relation matrices cover "
-                             f"{sum(sizes)}: every image record needs one (extract with --relation {self.relation})")
+                             f"{int(sizes.sum())}: every image record needs one (extract with --relation {self.relation})")
+        if sizes.numel() == 0:
+            return every.new_zeros((), dtype=torch.float32)
         rows = every if self.relation == "logits" else embeds.reshape(-1, embeds.shape[-1])  # (B * T, H or D)
-        total, start, offset = every.new_zeros((), dtype=torch.float32), 0, 0
-        for n in sizes:
-            x = rows[flat[start : start + n]]  # (n, H) or (n, D)
-            r_s = logit_relation(x, weight) if self.relation == "logits" else embedding_relation(x)  # (n, n) fp32
-            r_t = b.relation_targets[offset : offset + n * n].view(n, n)  # (n, n) fp32
-            total = total + relation_loss(r_s, r_t)
-            start, offset = start + n, offset + n * n
-        return total
+        x = blocks(rows[flat], sizes)  # (R, n_max, H or D), zero rows past each record's N_p
+        r_s = logit_relation(x, weight) if self.relation == "logits" else embedding_relation(x)  # (R, n_max, n_max)
+        r_t = blocks(b.relation_targets, sizes, square=True)  # (R, n_max, n_max) fp32
+        return relation_loss(r_s, r_t).sum()  # 0-dim fp32
 
     def _projector_on_nothing(self, like: torch.Tensor) -> torch.Tensor:
         """0, computed by the projector from an empty input: a text-only batch still uses every projector weight

@@ -1,9 +1,11 @@
 """pytest tests/test_llava_kd.py -q
 
 LLaVA-KD (llava-kd Sec. 3.3) from the cache: RDist's loss as mathematical properties (0 for identical
-matrices, invariant to a positive scale of the logits, gradient equal to autograd of the direct Y Y^T form),
-the relation matrices the extractor stores (equal to the teacher's own logits' Gram, fp16 tolerance), L_vis
-reading exactly the image positions, what dpt and dft train, and the refusal of a cache that lacks their inputs.
+matrices, invariant to a positive scale of the logits, gradient equal to autograd of the direct Y Y^T form,
+the trainer's batched form equal to the per-record direct form in value and gradient, float64), the relation
+matrices the extractor stores (equal to the teacher's own logits' Gram, fp16 tolerance) and what `mod-store
+inspect` says of them, L_vis reading exactly the image positions, what dpt and dft train, and the refusal of a
+cache that lacks their inputs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from modkd.pipelines.toyworld.models import STUDENT_LLM, build_model
 from modkd.store import Cache
 from modkd.store.relation import decode_relation, encode_relation
 from modkd.student.data import ImageLoader, collate
-from modkd.student.losses import embedding_relation, logit_relation, relation_loss
+from modkd.student.losses import blocks, embedding_relation, logit_relation, relation_loss
 from modkd.student.model import load_student, trainable_names
 from modkd.student.trainer import StudentWithLoss, train
 
@@ -76,6 +78,66 @@ def test_relation_loss_gradient_equals_autograd_of_the_direct_form():
     # and in float64, against finite differences
     hd, wd = h0.double().requires_grad_(), w0.double().requires_grad_()
     assert torch.autograd.gradcheck(lambda h, w: direct_relation_loss(h, w, r_t.double()), (hd, wd))
+
+
+@pytest.mark.parametrize("form", ["logits", "embeddings"])
+def test_the_batched_relation_loss_equals_the_per_record_direct_form_in_value_and_gradient(form):
+    """The trainer's one-call form (records zero-padded to the largest N_p, one Gram per batch) against Eq. 4-5
+    written out record by record (explicit (n, V) logits for `logits`), float64: the same value and gradients."""
+    g = torch.Generator().manual_seed(4)
+    sizes = [9, 4, 9, 1, 6]  # unequal N_p (anyres towers), one single-token image
+    h0 = torch.randn(sum(sizes), 12, generator=g, dtype=torch.float64)  # (M, H) the batch's image-token rows
+    w0 = torch.randn(40, 12, generator=g, dtype=torch.float64)  # (V, H)
+    targets = []
+    for n in sizes:
+        a = torch.randn(n, 30, generator=g, dtype=torch.float64)
+        targets.append(a @ a.T)  # (n, n) symmetric, as the cache's
+    flat_targets = torch.cat([t.reshape(-1) for t in targets])  # (sum n^2,) as Batch.relation_targets
+
+    def per_record(h, w):
+        total, start = 0.0, 0
+        for n, r_t in zip(sizes, targets):
+            x = h[start : start + n]  # (n, H)
+            if form == "logits":
+                y = x @ w.T  # (n, V)
+                r_s = y @ y.T
+            else:
+                e = x / x.norm(dim=-1, keepdim=True)
+                r_s = e @ e.T
+            total = total + 1 - F.cosine_similarity(r_s.reshape(-1), r_t.reshape(-1), dim=0)
+            start += n
+        return total
+
+    def batched(h, w):
+        x = blocks(h, torch.tensor(sizes))  # (R, 9, H)
+        r_s = logit_relation(x, w) if form == "logits" else embedding_relation(x)  # (R, 9, 9)
+        return relation_loss(r_s, blocks(flat_targets, torch.tensor(sizes), square=True)).sum()
+
+    results = []
+    for fn in (per_record, batched):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad if form == "logits" else None))
+    (l1, gh1, gw1), (l2, gh2, gw2) = results
+    assert l2.dtype == torch.float64 and l1.item() > 0.05
+    torch.testing.assert_close(l2, l1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh2, gh1, rtol=1e-10, atol=1e-12)
+    if form == "logits":
+        torch.testing.assert_close(gw2, gw1, rtol=1e-10, atol=1e-12)
+
+
+def test_blocks_pads_records_with_zeros_and_keeps_their_order():
+    sizes = torch.tensor([2, 3])
+    rows = torch.arange(10.0).reshape(5, 2)  # (5, 2): record 0 rows 0-1, record 1 rows 2-4
+    padded = blocks(rows, sizes)
+    assert padded.shape == (2, 3, 2)
+    assert torch.equal(padded[0, :2], rows[:2]) and torch.equal(padded[0, 2], torch.zeros(2))
+    assert torch.equal(padded[1], rows[2:])
+    mats = torch.cat([torch.arange(4.0), 10 + torch.arange(9.0)])  # a 2 x 2 and a 3 x 3, row-major
+    square = blocks(mats, sizes, square=True)
+    assert torch.equal(square[0, :2, :2], torch.arange(4.0).view(2, 2)) and square[0, 2].abs().sum() == 0
+    assert square[0, :, 2].abs().sum() == 0 and torch.equal(square[1], 10 + torch.arange(9.0).view(3, 3))
 
 
 def test_a_zero_matrix_gives_loss_one_not_nan():
@@ -258,6 +320,34 @@ def test_the_embedding_form_is_the_cosine_self_correlation_of_the_projected_imag
         rel = StudentWithLoss(student, relation="embeddings")(b, none, none, None, none)[4]
     torch.testing.assert_close(rel, expected, rtol=1e-4, atol=1e-6)
     assert rel.item() > 1e-3
+
+
+def test_inspect_shows_the_relation_form_its_size_and_its_bytes_per_record(rel_cache, plain_caches, tmp_path):
+    from typer.testing import CliRunner
+
+    from modkd.pipelines.cli_store import app as store_cli
+    from modkd.store.convert import convert_cache
+
+    records = [r for r in Cache.open(rel_cache).records() if r.relation is not None]
+    n_p = {r.relation.shape[0] for r in records}
+    assert len(n_p) == 1 and n_p == {records[0].num_image_tokens}
+    n = n_p.pop()
+    result = CliRunner().invoke(store_cli, ["inspect", str(rel_cache)])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("relation matrices:"))
+    assert line.startswith(f"relation matrices: logits (settings.relation), N_p = {n}, {len(records)} of ")
+    assert f"{n * (n + 1)} B per record with a matrix" in line and "on disk (zstd Parquet)" in line
+    report = json.loads(CliRunner().invoke(store_cli, ["inspect", str(rel_cache), "--json"]).output)
+    total = report["total"]
+    assert report["relation"] == "logits" and total["relation_records"] == len(records)
+    assert total["relation_n_p"] == [n, n] and total["relation_bytes_per_record"] == n * (n + 1)  # fp16 triangle
+    assert 0 < total["relation_disk_bytes_per_record"] < 2 * n * (n + 1)
+    plain = json.loads(CliRunner().invoke(store_cli, ["inspect", str(plain_caches["all"]), "--json"]).output)
+    assert plain["relation"] == "none" and plain["total"]["relation_records"] == 0
+    assert plain["total"]["relation_bytes_per_record"] is None
+    convert_cache(rel_cache, tmp_path / "wds", "webdataset")  # no Parquet footers: raw bytes only
+    wds = json.loads(CliRunner().invoke(store_cli, ["inspect", str(tmp_path / "wds"), "--json"]).output)["total"]
+    assert wds["relation_bytes_per_record"] == n * (n + 1) and wds["relation_disk_bytes_per_record"] is None
 
 
 def test_relation_matrices_survive_conversion_to_webdataset(rel_cache, tmp_path):

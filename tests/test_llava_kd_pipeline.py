@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from modkd.pipelines.cli_pipeline import app
-from modkd.pipelines.toyworld.llava_kd import COMPARISONS, arms
+from modkd.pipelines.recipe import recipe
+from modkd.pipelines.toyworld.build import ToyConfig
+from modkd.pipelines.toyworld.llava_kd import COMPARISONS, LR, arms
 from modkd.store import Cache
 
 
@@ -28,3 +32,16 @@ def test_llava_kd_smoke_trains_every_arm_from_one_cache(tmp_path, monkeypatch):
     first_dpt = sorted((out / "seed0" / "runs").glob("*-dpt"))[0]  # the full dpt (the ablations' come later)
     metrics = [json.loads(line) for line in (first_dpt / "metrics.jsonl").read_text().splitlines()]
     assert all("loss/vis" in m and "loss/rel" in m for m in metrics)
+    trained = [(run.name.split("-", 1)[1], json.loads((run / "train_config.json").read_text())["lr"])
+               for run in (out / "seed0" / "runs").iterdir()]  # (stage, the lr it trained at) per run
+    assert {stage for stage, _ in trained} == set(LR) and all(lr == LR[stage] for stage, lr in trained)
+
+
+def test_each_stage_trains_at_its_own_lr_in_the_papers_ratio():
+    """llava-kd Sec. 4.1: DPT 1e-3 (projector only), SFT and DFT 2e-5 (projector + LLM): the toy keeps that ratio
+    from its own whole-model lr, which the full-model stages keep."""
+    assert LR["sft"] == LR["dft"] == ToyConfig.lr
+    assert LR["init"] == LR["dpt"] == pytest.approx(ToyConfig.lr * recipe("dpt")["lr"] / recipe("dft")["lr"])
+    assert LR["dpt"] > LR["sft"]
+    for stages in arms().values():
+        assert all(overrides["lr"] == LR[stage] for stage, _, overrides in stages)

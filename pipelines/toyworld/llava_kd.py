@@ -7,8 +7,12 @@ real trainer from the same student init over seeds 0..N-1 (seed: data order).
 
 Stage lengths are shares of `--steps` S: PT or DPT S/4, SFT S/2, DFT S/4 (the paper trains one epoch per
 stage; DPT+SFT+DFT therefore trains S/4 more steps than PT+SFT, as in the paper: the control arm
-"pt -> sft (3S/4)" trains PT+SFT for the same total). Every stage uses the toy's batch 32 and lr 5e-4
-(toyworld.compare.TOY_TRAINING, as `reproduce`), not the paper's per-stage lr. Loss weights are the
+"pt -> sft (3S/4)" trains PT+SFT for the same total). Every stage uses the toy's batch 32
+(toyworld.compare.TOY_TRAINING, as `reproduce`). Learning rates are per stage, in the paper's ratio (llava-kd
+Sec. 4.1: DPT 1e-3, SFT and DFT 2e-5, so projector-only : full-model = 50) from the toy's own lr: the toy's
+5e-4 (ToyConfig.lr) is a whole-model lr, so it is SFT's and DFT's, and the projector-only stages PT and DPT
+get 50 x 5e-4 = 2.5e-2 (`LR` below; a projector alone is trained at a larger lr than a whole LLM, as LLaVA's
+PT vs SFT). Chosen from the paper's values alone, before any evaluation. Loss weights are the
 recipes' (alpha, beta, gamma) = (1, 1, 0.5). PT is the `init` stage (projector, CE on responses).
 For each paper comparison the report puts the paper's averages beside our paired difference (mean ± std
 over seeds of treatment minus reference), called within noise when its mean is under two standard errors.
@@ -21,28 +25,37 @@ import json
 import math
 from pathlib import Path
 
-from .compare import run_arm
+from .build import ToyConfig
+from .compare import TOY_TRAINING, run_arm
 from .evaluate import evaluate
 from .report import SEED_COLUMNS, parameters, seeds_table
 
 PT, SFT, DFT = 0.25, 0.5, 0.25  # shares of S per stage
 MDIST_ONLY = {"rel_weight": 0.0}
 RDIST_ONLY = {"kd_weight": 0.0, "vis_weight": 0.0}  # L_reg + gamma L_rel
+# the paper's DPT : SFT = DFT lr ratio (1e-3 : 2e-5) applied to the toy's whole-model lr (module docstring)
+PROJECTOR_LR = ToyConfig.lr * round(1e-3 / 2e-5)  # init (PT) and dpt: 50 x 5e-4 = 2.5e-2
+LR = {"init": PROJECTOR_LR, "dpt": PROJECTOR_LR, "sft": ToyConfig.lr, "dft": ToyConfig.lr}
+
+
+def _stage(stage: str, share: float, **overrides) -> tuple:
+    """(stage, share of S, TrainConfig overrides) with the stage's lr, as run_arm takes it."""
+    return stage, share, {"lr": LR[stage], **overrides}
 
 
 def arms() -> dict[str, list[tuple]]:
-    dpt_sft = [("dpt", PT, {}), ("sft", SFT, {})]
+    dpt_sft = [_stage("dpt", PT), _stage("sft", SFT)]
     return {
-        "pt -> sft": [("init", PT, {}), ("sft", SFT, {})],
-        "pt -> dft": [("init", PT, {}), ("dft", SFT, {})],
+        "pt -> sft": [_stage("init", PT), _stage("sft", SFT)],
+        "pt -> dft": [_stage("init", PT), _stage("dft", SFT)],
         "dpt -> sft": dpt_sft,
-        "dpt -> dft": [("dpt", PT, {}), ("dft", SFT, {})],
-        "dpt -> sft -> dft": [*dpt_sft, ("dft", DFT, {})],
-        "dpt (MDist only) -> sft": [("dpt", PT, MDIST_ONLY), ("sft", SFT, {})],
-        "dpt (RDist only) -> sft": [("dpt", PT, RDIST_ONLY), ("sft", SFT, {})],
-        "dpt -> sft -> dft (MDist only)": [*dpt_sft, ("dft", DFT, MDIST_ONLY)],
-        "dpt -> sft -> dft (RDist only)": [*dpt_sft, ("dft", DFT, RDIST_ONLY)],
-        "pt -> sft (3S/4)": [("init", PT, {}), ("sft", SFT + DFT, {})],
+        "dpt -> dft": [_stage("dpt", PT), _stage("dft", SFT)],
+        "dpt -> sft -> dft": [*dpt_sft, _stage("dft", DFT)],
+        "dpt (MDist only) -> sft": [_stage("dpt", PT, **MDIST_ONLY), _stage("sft", SFT)],
+        "dpt (RDist only) -> sft": [_stage("dpt", PT, **RDIST_ONLY), _stage("sft", SFT)],
+        "dpt -> sft -> dft (MDist only)": [*dpt_sft, _stage("dft", DFT, **MDIST_ONLY)],
+        "dpt -> sft -> dft (RDist only)": [*dpt_sft, _stage("dft", DFT, **RDIST_ONLY)],
+        "pt -> sft (3S/4)": [_stage("init", PT), _stage("sft", SFT + DFT)],
     }
 
 
@@ -102,6 +115,8 @@ def paired(results: dict[str, list[dict]], reference: str, treatment: str) -> tu
 def report(results: dict[str, list[dict]], steps: int) -> str:
     n_seeds = len(results["pt -> sft"])
     lines = [f"# LLaVA-KD's ablations on the toy world (S = {steps} steps, {n_seeds} seed(s))", "",
+             f"Stage lrs: PT and DPT {LR['dpt']:g}, SFT and DFT {LR['sft']:g} (the paper's DPT : SFT ratio, 50, "
+             f"from the toy's lr); batch {TOY_TRAINING['batch_size']} in every stage.", "",
              "## Every arm (mean ± std over seeds)", "", seeds_table(results), "",
              "## The paper's comparisons (metric: EM overall; paper: 10-benchmark AVG)", "",
              "| paper | comparison | paper: reference -> treatment | ours: reference -> treatment | "
