@@ -113,7 +113,10 @@ def test_mimic_vs_pd_smoke_trains_pd_from_the_cache_over_seeds(tmp_path, monkeyp
         assert runs == ["00-d2d", "01-d2s", "02-pd", "03-pd"]  # d2d and d2s trained once per seed, shared
         configs = [json.loads((out / f"seed{seed}" / "runs" / r / "train_config.json").read_text()) for r in runs[2:]]
         assert [(c["pref_loss"], c["max_steps"], c["seed"]) for c in configs] == [("kto", 2, seed), ("dpo", 2, seed)]
-    assert Cache.open(out / "cache").num_preference_records == 8
+    pairs = [json.loads(line) for line in (toy_root(SMOKE) / "world" / "pref.jsonl").read_text().splitlines()]
+    replaced = sum(p["edit"] == "replace" for p in pairs)
+    assert 0 < replaced < len(pairs) == SMOKE.n_pref  # pd trains on the pairs that replace an object, never add one
+    assert Cache.open(out / "cache").num_preference_records == replaced
     assert "± " in (out / "report.md").read_text()
 
 
@@ -129,8 +132,11 @@ def test_reproduce_smoke_reports_every_paper_comparison(tmp_path, monkeypatch, h
     rows = [line for line in (out / "report.md").read_text().splitlines()
             if line.startswith("| Table ") or line.startswith("| not in the papers")]
     assert len(rows) == len(COMPARISONS)
-    verdicts = ("| agrees", "| **disagrees**", "| no difference", "| n/a")  # the last column of every row
+    verdicts = ("| agrees", "| **disagrees**", "| no difference", "| n/a")  # the verdict column of every row
     assert all(any(v in row for v in verdicts) for row in rows), rows
+    breakdowns = {"EM overall": "| count ", "CHAIR_s": "| objects/caption ", "POPE F1": "| yes-ratio "}
+    assert all(any(m in row and b in row for m, b in breakdowns.items()) or "CHAIR_i" in row for row in rows), rows
+    assert all((out / f"seed{seed}" / "results.json").is_file() for seed in (0, 1))  # each seed's partial results
     assert all((out / "plots" / f"{s}.png").is_file() for s in ("d2d", "sft", "d2s", "pd"))
     configs = [json.loads((run / "train_config.json").read_text()) for run in (out / "seed0" / "runs").iterdir()]
     assert [c["stage"] for c in configs if c["online_teacher"]] == ["d2d"]  # one run loads the teacher: online KD

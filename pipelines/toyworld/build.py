@@ -10,6 +10,7 @@ a half-trained teacher where the `toy-teacher` preset looks for it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,7 +201,22 @@ def transfer_set(world: Path, n_images: int | None) -> Path:
             kind, index = json.loads(line)["id"].rsplit("-", 1)
             if int(index) < (n_images // 4 if kind == "text" else n_images):
                 keep.append(line + "\n")
-        tmp = out.with_name(f".{out.name}.tmp")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # jobs side by side may each write it
+        tmp.write_text("".join(keep))
+        tmp.rename(out)
+    return out
+
+
+def preference_set(world: Path) -> Path:
+    """The preference pairs pd trains on: the world's pairs whose rejected caption replaces an object, not those
+    that add one. An added object makes the rejected caption longer, so with those pairs "hallucination" and
+    "names more objects" coincide and KTO learns to name fewer objects (measured: README, "The demo"); real
+    preference pairs (RLAIF-V) are two answers of the same model, with no such length gap. (pref.jsonl keeps every
+    pair: the tokenizer is trained on it.)"""
+    out = world / "pref-replace.jsonl"
+    if not out.is_file():
+        keep = [line + "\n" for line in (world / "pref.jsonl").read_text().splitlines() if json.loads(line)["edit"] == "replace"]
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # jobs side by side may each write it
         tmp.write_text("".join(keep))
         tmp.rename(out)
     return out
@@ -209,13 +225,15 @@ def transfer_set(world: Path, n_images: int | None) -> Path:
 def toy_cache(toy: Toy, cache: Path, shards: int = 8, data: Path | None = None, log=print) -> Path:
     """The one extraction every toy pipeline trains from: the teacher's top-20 over every position of the
     training set (or of `data`, a transfer set) with its LLaVA-KD relation matrices (--relation logits: 90 B per
-    image record), and its reference log-probs of the preference pairs (each part skipped once complete)."""
+    image record), and its reference log-probs of the preference pairs (preference_set; each part skipped once
+    complete)."""
     settings = dict(teacher=str(toy.teacher), out=cache, image_root=toy.world)
     data = data or toy.world / "train.jsonl"
     if not (cache / "manifest.json").is_file():
         log(f"[extract] the teacher's top-20 log-probs over every position of {data} -> {cache}")
         extract(ExtractConfig(data=data, top_k=20, positions="all", relation="logits", shards=shards, **settings))
     if not (cache / "preference" / "manifest.json").is_file():
-        log(f"[extract] the teacher's reference log-probs of {toy.world / 'pref.jsonl'} -> {cache / 'preference'}")
-        extract(ExtractConfig(data=toy.world / "pref.jsonl", shards=2, **settings))
+        pairs = preference_set(toy.world)
+        log(f"[extract] the teacher's reference log-probs of {pairs} -> {cache / 'preference'}")
+        extract(ExtractConfig(data=pairs, shards=2, **settings))
     return cache

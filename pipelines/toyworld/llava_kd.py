@@ -3,7 +3,7 @@
 LLaVA-KD's training-scheme and distillation-strategy ablations (llava-kd Tables 2 and 3) at toy scale, from
 the ONE cache every toy pipeline trains from (toyworld.build.toy_cache: the teacher's top-20 over every
 position, image positions included, and its relation matrices, `--relation logits`), every arm trained by the
-real trainer from the same student init over seeds 0..N-1 (seed: data order).
+real trainer from the same student init over seeds 0..N-1 (seed: data order), the seeds side by side.
 
 Stage lengths are shares of `--steps` S: PT or DPT S/4, SFT S/2, DFT S/4 (the paper trains one epoch per
 stage; DPT+SFT+DFT therefore trains S/4 more steps than PT+SFT, as in the paper: the control arm
@@ -28,6 +28,7 @@ from pathlib import Path
 from .build import ToyConfig
 from .compare import TOY_TRAINING, run_arm
 from .evaluate import evaluate
+from .parallel import in_parallel
 from .report import SEED_COLUMNS, parameters, seeds_table
 
 PT, SFT, DFT = 0.25, 0.5, 0.25  # shares of S per stage
@@ -89,18 +90,29 @@ METRIC = "EM overall"
 
 def llava_kd(teacher: Path, student: Path, cache: Path, world: Path, out: Path, steps: int, seeds: int,
              limit: int | None = None, log=print) -> dict:
-    """Trains and evaluates every arm for seeds 0..seeds-1; writes results.json and report.md."""
+    """Trains and evaluates every arm for seeds 0..seeds-1, the seeds side by side (one process per core:
+    parallel.py); writes results.json and report.md."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher)}]}
-    for seed in range(seeds):
-        done: dict[tuple, Path] = {}
-        for name, stages in arms().items():
-            final = run_arm(name, stages, student, cache, world, out / f"seed{seed}", steps, seed, done, log)[-1]
-            log(f"[llava-kd] seed {seed}: evaluating {name}")
-            results.setdefault(name, []).append({**evaluate(final, world, limit), **parameters(final),
-                                                 "model": str(final)})
-        (out / "results.json").write_text(json.dumps(results, indent=1))  # after every seed: partial runs are kept
-        (out / "report.md").write_text(report(results, steps))
+    for seed_results in in_parallel([(one_seed, (student, cache, world, out, steps, seed, limit), {"log": log})
+                                     for seed in range(seeds)]):
+        for name, result in seed_results.items():
+            results.setdefault(name, []).append(result)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(report(results, steps))
+    return results
+
+
+def one_seed(student: Path, cache: Path, world: Path, out: Path, steps: int, seed: int, limit: int | None = None,
+             log=print) -> dict[str, dict]:
+    """Every arm of one seed (arms sharing a prefix train it once); seed{seed}/results.json after every arm."""
+    done: dict[tuple, Path] = {}
+    results: dict[str, dict] = {}
+    for name, stages in arms().items():
+        final = run_arm(name, stages, student, cache, world, out / f"seed{seed}", steps, seed, done, log)[-1]
+        log(f"[llava-kd] seed {seed}: evaluating {name}")
+        results[name] = {**evaluate(final, world, limit), **parameters(final), "model": str(final)}
+        (out / f"seed{seed}" / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -136,12 +136,31 @@ def paired_difference(results: dict[str, list[dict]], metric: str, reference: st
     return mean, std, len(diffs)
 
 
+BREAKDOWN = {  # metric -> the measurements beside it that say where a difference comes from
+    "EM overall": [(t, lambda r, t=t: r["exact_match"].get(t, float("nan"))) for t in ("count", "colour", "position", "exist", "text")],
+    "CHAIR_s": [("objects/caption", lambda r: r["chair"].get("objects", float("nan"))),
+                ("recall", lambda r: r["chair"]["recall"]), ("distinct", lambda r: r["chair"]["distinct"])],
+    "POPE F1": [("yes-ratio", SEED_COLUMNS["POPE yes-ratio"]), ("accuracy", SEED_COLUMNS["POPE acc"])],
+}
+BREAKDOWN["CHAIR_i"] = BREAKDOWN["CHAIR_s"]
+
+
+def breakdown(results: dict[str, list[dict]], metric: str, reference: str, treatment: str) -> str:
+    """Per-task EM, or what sits beside CHAIR / POPE F1, as treatment - reference averaged over seeds."""
+    parts = []
+    for name, value in BREAKDOWN[metric]:
+        d = sum(value(t) - value(r) for r, t in zip(results[reference], results[treatment])) / len(results[treatment])
+        parts.append(f"{name} {d:+.3f}" if name != "distinct" else f"{name} {d:+.0f}")
+    return ", ".join(parts)
+
+
 def report(results: dict[str, list[dict]], steps: int, plots: list[Path], out: Path) -> str:
     lines = [f"# LLaVA-MoD's ablations on the toy world (S = {steps} steps, {len(results['d2d -> d2s'])} seeds)", "",
              "## Every arm (mean ± std over seeds)", "", seeds_table(results), "",
              "## The paper's comparisons", "",
              "| paper | comparison | metric | paper: reference -> treatment | ours: reference -> treatment | "
-             "ours: treatment - reference (paired) | direction |", "|---|---|---|---|---|---|---|"]
+             "ours: treatment - reference (paired) | direction | where it comes from (treatment - reference, mean over seeds) |",
+             "|---|---|---|---|---|---|---|---|"]
     for table, what, metric, (ref, ref_row, ref_paper), (treat, treat_row, treat_paper) in COMPARISONS:
         value = SEED_COLUMNS[metric]
         means = [sum(value(r) for r in results[arm]) / len(results[arm]) for arm in (ref, treat)]
@@ -155,6 +174,7 @@ def report(results: dict[str, list[dict]], steps: int, plots: list[Path], out: P
             verdict = "no difference" if mean == 0 else (
                 ("agrees" if agrees else "**disagrees**") + (" (within noise)" if noise else ""))
         lines.append(f"| {table} | {what} | {metric}{' (lower is better)' if metric in LOWER_IS_BETTER else ''} | "
-                     f"{paper} | {ref} {means[0]:.3f} -> {treat} {means[1]:.3f} | {mean:+.3f} ± {std:.3f} | {verdict} |")
+                     f"{paper} | {ref} {means[0]:.3f} -> {treat} {means[1]:.3f} | {mean:+.3f} ± {std:.3f} | {verdict} | "
+                     f"{breakdown(results, metric, ref, treat)} |")
     lines += ["", "Plots (seed 0's training curves per stage): " + ", ".join(str(p.relative_to(out)) for p in plots), ""]
     return "\n".join(lines)
