@@ -121,7 +121,7 @@ def test_cached_records_equal_the_models_own_processor_and_full_log_softmax(arch
         np.testing.assert_allclose(rec.topk_logprobs, top_lp.numpy(), atol=LOGPROB_STEP / 2 + 1e-4, rtol=0)
         target = logp[rec.positions, torch.as_tensor(rec.input_ids[rec.positions + 1], dtype=torch.long)]  # (P,)
         np.testing.assert_allclose(rec.target_logprobs, target.numpy(), atol=1e-4, rtol=0)
-        assert top_lp[:, 0].min() > -12 and (top_lp[:, 0] - top_lp[:, -1]).max() > 1  # spread: a real comparison
+        assert top_lp[:, 0].min() > -12 and (top_lp[:, 0] - top_lp[:, -1]).max() > 0.5  # spread >> the 1/256-nat tolerance: a real comparison
         seen |= set(rec.position_kinds.tolist())
         counts.add(n_img)
     assert seen == {RESPONSE, INSTRUCTION, IMAGE}
