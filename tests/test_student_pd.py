@@ -88,7 +88,7 @@ def test_student_equal_to_the_teacher_starts_where_the_loss_is_neutral(pref_cach
     assert step["loss/pd"] == pytest.approx(expected, abs=1e-5)
     assert abs(step["mean_r"]) < 1e-4 and abs(step["rewards/margins"]) < 1e-5
     if loss == "kto":  # z = clamp(mean(r') , 0): the mismatched pairs' r' are fp32 noise around 0 whose mean's sign
-        assert 0.0 <= step["z"] < 1e-5  # varies (9.5e-7 under transformers 5.19, 0 under 5.24)
+        assert 0.0 <= step["z"] < 1e-4  # varies with the tiny model (9.5e-7, 0, 1.5e-5 seen): mean_r's fp32 bound
 
 
 def _batches(cache: Path, processor, world: Path, sizes: list[int]):

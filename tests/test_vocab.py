@@ -192,8 +192,9 @@ def test_vllm_drops_the_padding_rows_as_hf_does(vllm_python, tmp_path, padded_te
         np.testing.assert_allclose(rec.target_logprobs, real.gather(1, targets[:, None])[:, 0], atol=1e-4, rtol=0)
         checked += len(rec.positions)
     assert checked > 100
-    taken = (torch.cat(pad_mass) > 0.9).float().mean()  # positions where the planted rows would hold > 90% of the mass
-    assert taken > 0.3, taken  # the test bites
+    taken = int((torch.cat(pad_mass) > 0.9).sum())  # positions where the planted rows would hold > 90% of the mass
+    assert taken >= 3, taken  # the test bites: kept, the padding ids would top those positions (3% of them here,
+    # 81% before the toy tokenizer stopped reading the eval split: the mean hidden state's direction moved)
 
 
 def test_vllm_drops_the_padding_rows_of_a_llava_teacher(vllm_python, tmp_path, padded_teacher, padded_cache, mixed_data,
