@@ -30,6 +30,7 @@ from modkd.student.trainer import train
 
 from .build import ToyConfig
 from .evaluate import evaluate
+from .parallel import in_parallel
 from .report import comparison_table, parameters, seeds_table
 
 # arm -> its stages in order: (stage, share of the total steps, TrainConfig overrides)
@@ -76,6 +77,35 @@ def run_arm(label: str, stages: list[tuple], student: Path, cache: Path, image_r
         current = done[prefix]
         finals.append(current)
     return finals
+
+
+def seeds_side_by_side(label: str, chains: dict[str, list[tuple]], student: Path, cache: Path, world: Path, out: Path,
+                       steps: int, seeds: int, limit: int | None = None, log=print) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Every arm of `chains` for seeds 0..seeds-1, the seeds side by side (one process per core: parallel.py):
+    (arm -> its evaluation per seed, each seed's results as one_seed returns them)."""
+    per_seed = in_parallel([(one_seed, (label, chains, student, cache, world, out, steps, seed, limit), {"log": log})
+                            for seed in range(seeds)])
+    results: dict[str, list[dict]] = {}
+    for seed_results in per_seed:
+        for name, result in seed_results.items():
+            results.setdefault(name, []).append(result)
+    return results, per_seed
+
+
+def one_seed(label: str, chains: dict[str, list[tuple]], student: Path, cache: Path, world: Path, out: Path, steps: int,
+             seed: int, limit: int | None = None, log=print) -> dict[str, dict]:
+    """Every arm of one seed, trained and evaluated in order (arms sharing a prefix train it once): arm -> its
+    evaluation, with its stages' final models. seed{seed}/results.json is rewritten after every arm, so a run cut
+    short keeps what it finished."""
+    done: dict[tuple, Path] = {}
+    results: dict[str, dict] = {}
+    for name, stages in chains.items():
+        finals = run_arm(name, stages, student, cache, world, out / f"seed{seed}", steps, seed, done, log)
+        log(f"[{label}] seed {seed}: evaluating {name}")
+        results[name] = {**evaluate(finals[-1], world, limit), **parameters(finals[-1]), "model": str(finals[-1]),
+                         "finals": [str(f) for f in finals]}
+        (out / f"seed{seed}" / "results.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 def kd_vs_sft(teacher: Path, student: Path, cache: Path, world: Path, out: Path, steps: int, seed: int = 0,

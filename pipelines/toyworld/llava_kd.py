@@ -26,9 +26,8 @@ import math
 from pathlib import Path
 
 from .build import ToyConfig
-from .compare import TOY_TRAINING, run_arm
+from .compare import TOY_TRAINING, seeds_side_by_side
 from .evaluate import evaluate
-from .parallel import in_parallel
 from .report import SEED_COLUMNS, parameters, seeds_table
 
 PT, SFT, DFT = 0.25, 0.5, 0.25  # shares of S per stage
@@ -93,26 +92,10 @@ def llava_kd(teacher: Path, student: Path, cache: Path, world: Path, out: Path, 
     """Trains and evaluates every arm for seeds 0..seeds-1, the seeds side by side (one process per core:
     parallel.py); writes results.json and report.md."""
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher)}]}
-    for seed_results in in_parallel([(one_seed, (student, cache, world, out, steps, seed, limit), {"log": log})
-                                     for seed in range(seeds)]):
-        for name, result in seed_results.items():
-            results.setdefault(name, []).append(result)
+    results, _ = seeds_side_by_side("llava-kd", arms(), student, cache, world, out, steps, seeds, limit, log)
+    results = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher)}], **results}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(report(results, steps))
-    return results
-
-
-def one_seed(student: Path, cache: Path, world: Path, out: Path, steps: int, seed: int, limit: int | None = None,
-             log=print) -> dict[str, dict]:
-    """Every arm of one seed (arms sharing a prefix train it once); seed{seed}/results.json after every arm."""
-    done: dict[tuple, Path] = {}
-    results: dict[str, dict] = {}
-    for name, stages in arms().items():
-        final = run_arm(name, stages, student, cache, world, out / f"seed{seed}", steps, seed, done, log)[-1]
-        log(f"[llava-kd] seed {seed}: evaluating {name}")
-        results[name] = {**evaluate(final, world, limit), **parameters(final), "model": str(final)}
-        (out / f"seed{seed}" / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 

@@ -22,9 +22,8 @@ import json
 import math
 from pathlib import Path
 
-from .compare import pd_epoch_steps, run_arm
+from .compare import pd_epoch_steps, seeds_side_by_side
 from .evaluate import evaluate
-from .parallel import in_parallel
 from .plots import training_curves
 from .report import SEED_COLUMNS, parameters, seeds_table
 
@@ -93,12 +92,8 @@ def reproduce(teacher: Path, student: Path, cache: Path, world: Path, out: Path,
     parallel.py); writes results.json, report.md and plots/."""
     out.mkdir(parents=True, exist_ok=True)
     chains = arms(teacher, pd_epoch_steps(cache) / steps)
-    results: dict[str, list[dict]] = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher)}]}
-    per_seed = in_parallel([(one_seed, (chains, student, cache, world, out, steps, seed, limit), {"log": log})
-                            for seed in range(seeds)])
-    for seed_results in per_seed:
-        for name, result in seed_results.items():
-            results.setdefault(name, []).append(result)
+    results, per_seed = seeds_side_by_side("reproduce", chains, student, cache, world, out, steps, seeds, limit, log)
+    results = {"teacher": [{**evaluate(teacher, world, limit), **parameters(teacher)}], **results}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     stage_runs: dict[str, dict[str, Path]] = {stage: {} for stage in STAGE_PLOTS}
     for name, stages in chains.items():  # seed 0's run of each stage; a stage shared by arms is one curve
@@ -108,22 +103,6 @@ def reproduce(teacher: Path, student: Path, cache: Path, world: Path, out: Path,
     plots = [training_curves(runs, out / "plots" / f"{stage}.png", f"{stage} stage, seed 0")
              for stage, runs in stage_runs.items() if runs]
     (out / "report.md").write_text(report(results, steps, [p for p in plots if p is not None], out))
-    return results
-
-
-def one_seed(chains: dict[str, list[tuple]], student: Path, cache: Path, world: Path, out: Path, steps: int, seed: int,
-             limit: int | None = None, log=print) -> dict[str, dict]:
-    """Every arm of one seed, trained and evaluated in order (arms sharing a prefix train it once); the arm's
-    evaluation with its stages' final models. seed{seed}/results.json is rewritten after every arm, so a run cut
-    short keeps what it finished."""
-    done: dict[tuple, Path] = {}
-    results: dict[str, dict] = {}
-    for name, stages in chains.items():
-        finals = run_arm(name, stages, student, cache, world, out / f"seed{seed}", steps, seed, done, log)
-        log(f"[reproduce] seed {seed}: evaluating {name}")
-        results[name] = {**evaluate(finals[-1], world, limit), **parameters(finals[-1]), "model": str(finals[-1]),
-                         "finals": [str(f) for f in finals]}
-        (out / f"seed{seed}" / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
