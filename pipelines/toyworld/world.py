@@ -374,7 +374,8 @@ def build_world(
     """Write the whole world under out_dir and return its paths; a no-op if world.json has the same parameters.
 
     Defaults: 2000 training images (12.5k records) are what a toy teacher can fit in minutes on 2 CPU cores;
-    200 eval images resolve accuracy to a few points per task; 600 preference pairs fill a short DPO/KTO stage.
+    200 eval images resolve accuracy to a few points per task (the toy pipelines ask for 1,000: build.ToyConfig);
+    600 preference pairs fill a short DPO/KTO stage.
     """
     out_dir = Path(out_dir)
     paths = world_paths(out_dir)
